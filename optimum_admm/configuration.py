@@ -1,0 +1,262 @@
+"""Pruning recipes: small validated dataclasses, one per method.
+
+A config is the *recipe* of a pruning run (what to prune, how sparse, the method's knobs). It is strict on
+construction (a bad value raises :class:`ValueError` naming the field, the value and what is allowed) and lenient on
+load (:meth:`PruningConfig.from_dict` warns about keys written by a newer version and ignores them). Run-time options
+such as devices or progress bars are never part of a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .version import __version__
+
+UNSTRUCTURED = "unstructured"
+_NM_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
+
+
+def parse_nm(mask_structure: str) -> tuple[int, int] | None:
+    """Parse a mask structure string.
+
+    Args:
+        mask_structure: ``"unstructured"`` or ``"N:M"`` (keep ``N`` weights out of every ``M`` consecutive inputs).
+
+    Returns:
+        ``None`` for ``"unstructured"``, else the pair ``(N, M)``.
+
+    Raises:
+        ValueError: when the string is neither form, or ``N``/``M`` are not integers with ``0 < N < M``.
+
+    Example:
+        >>> parse_nm("2:4")
+        (2, 4)
+        >>> parse_nm("unstructured") is None
+        True
+    """
+    if not isinstance(mask_structure, str):
+        raise ValueError(
+            f"mask_structure must be a string, 'unstructured' or 'N:M' such as '2:4'; got {mask_structure!r}"
+        )
+    if mask_structure.strip().lower() == UNSTRUCTURED:
+        return None
+    match = _NM_PATTERN.match(mask_structure)
+    allowed = "'unstructured' or 'N:M' with integers 0 < N < M, such as '2:4' or '4:8'"
+    if match is None:
+        raise ValueError(f"mask_structure={mask_structure!r} is malformed; allowed: {allowed}")
+    try:
+        n, m = int(match.group(1)), int(match.group(2))
+    except ValueError:
+        raise ValueError(f"mask_structure={mask_structure!r} has non-integer N or M; allowed: {allowed}") from None
+    if not 0 < n < m:
+        raise ValueError(f"mask_structure={mask_structure!r} needs 0 < N < M; allowed: {allowed}")
+    return n, m
+
+
+def _check_type(name: str, value: Any, types: type | tuple[type, ...], allowed: str) -> None:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+    if not isinstance(value, types):
+        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+@dataclass
+class PruningConfig:
+    """Fields shared by every pruning method.
+
+    Subclasses add the method's own knobs and register an algorithm in :mod:`optimum_admm.registry`.
+
+    Example:
+        >>> from optimum_admm import ADMMConfig
+        >>> ADMMConfig(sparsity=0.6).to_dict()["method"]
+        'admm'
+    """
+
+    method: ClassVar[str] = "base"
+    #: Whether the method reads calibration activations at all (magnitude does not).
+    needs_calibration: ClassVar[bool] = True
+
+    sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of weights set to zero in each pruned layer, in [0, 1). Defaults to 0.5, "
+            "or 1 - N/M for an N:M mask_structure."
+        },
+    )
+    mask_structure: str = field(
+        default=UNSTRUCTURED, metadata={"help": "'unstructured' or 'N:M' (N kept in every M consecutive inputs)."}
+    )
+    num_samples: int = field(default=128, metadata={"help": "Number of calibration sequences."})
+    sequence_length: int = field(default=2048, metadata={"help": "Tokens per calibration sequence."})
+    seed: int = field(default=0, metadata={"help": "Seed for drawing the calibration windows."})
+    targets: list[str] = field(
+        default_factory=lambda: ["Linear", "Conv1D"],
+        metadata={
+            "help": "Modules to prune inside the decoder blocks: class names, module names (suffix match) or "
+            "'re:<regex>' patterns on the full module name."
+        },
+    )
+    ignore: list[str] = field(
+        default_factory=lambda: ["lm_head"],
+        metadata={"help": "Modules never pruned; same matching rules as targets. lm_head is ignored by default."},
+    )
+    true_sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "Prune the layers of a block group by group ([q,k,v] -> [o] -> [gate,up] -> [down]), "
+            "recomputing inputs between groups."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        nm = parse_nm(self.mask_structure)
+        if nm is None:
+            self.mask_structure = UNSTRUCTURED
+            if self.sparsity is None:
+                self.sparsity = 0.5
+        else:
+            self.mask_structure = f"{nm[0]}:{nm[1]}"
+            implied = 1.0 - nm[0] / nm[1]
+            if self.sparsity is None:
+                self.sparsity = implied
+            elif (
+                not isinstance(self.sparsity, bool)
+                and isinstance(self.sparsity, (int, float))
+                and abs(float(self.sparsity) - implied) > 1e-9
+            ):
+                raise ValueError(
+                    f"sparsity={self.sparsity!r} contradicts mask_structure={self.mask_structure!r}, which "
+                    f"implies sparsity {implied:g}; pass sparsity={implied:g} or leave sparsity unset"
+                )
+        _check_type("sparsity", self.sparsity, (int, float), "a number in [0, 1)")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity={self.sparsity!r} is out of range; allowed: a number in [0, 1)")
+        self.sparsity = float(self.sparsity)
+        _check_type("num_samples", self.num_samples, int, "an integer >= 1")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples!r} is invalid; allowed: an integer >= 1")
+        _check_type("sequence_length", self.sequence_length, int, "an integer >= 1")
+        if self.sequence_length < 1:
+            raise ValueError(f"sequence_length={self.sequence_length!r} is invalid; allowed: an integer >= 1")
+        _check_type("seed", self.seed, int, "an integer")
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{name}={value!r} is invalid; allowed: a list of non-empty strings")
+            for pattern in value:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as err:
+                        raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from None
+            if name == "targets" and not value:
+                raise ValueError("targets=[] is invalid; allowed: a non-empty list of patterns")
+            setattr(self, name, list(value))
+        _check_type("true_sequential", self.true_sequential, bool, "True or False")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` for an N:M mask structure, else ``None``."""
+        return parse_nm(self.mask_structure)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as a JSON-serialisable dict, stamped with the method and the library version."""
+        data = {"method": self.method, **dataclasses.asdict(self), "optimum_admm_version": __version__}
+        return data
+
+    def to_json_file(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` to ``path`` as indented JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        """Rebuild a config; keys this version does not know are ignored with a warning.
+
+        Called on :class:`PruningConfig` itself, the ``method`` key picks the subclass.
+        """
+        data = dict(data)
+        method = data.pop("method", None)
+        data.pop("optimum_admm_version", None)
+        target_cls = cls
+        if cls is PruningConfig:
+            from .registry import config_class_for
+
+            target_cls = config_class_for(method)
+        known = {f.name for f in dataclasses.fields(target_cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown {target_cls.__name__} keys {unknown} (written by a newer optimum-admm?)",
+                stacklevel=2,
+            )
+        return target_cls(**{k: v for k, v in data.items() if k in known})
+
+
+SCHEDULES = ("cubic", "constant")
+
+
+@dataclass
+class ADMMConfig(PruningConfig):
+    """ADMM pruning with gradual mask selection (Boža 2024, https://arxiv.org/abs/2401.02938).
+
+    For every linear layer, minimises ``||X W - X W0||^2`` under the sparsity mask with ADMM, re-selecting the mask
+    during the first ``mask_iterations`` iterations as the target sparsity ramps up.
+
+    Example:
+        >>> from optimum_admm import ADMMConfig
+        >>> config = ADMMConfig(sparsity=0.6)
+        >>> config.iterations, config.schedule
+        (20, 'cubic')
+        >>> ADMMConfig(mask_structure="2:4").sparsity
+        0.5
+    """
+
+    method: ClassVar[str] = "admm"
+
+    schedule: str = field(
+        default="cubic",
+        metadata={
+            "help": "'cubic': sparsity ramps s - s(1-(t+1)/T)^3 over the mask steps (the paper); 'constant': "
+            "every mask step selects at the final sparsity (what the reference code runs for unstructured masks)."
+        },
+    )
+    iterations: int = field(default=20, metadata={"help": "ADMM iterations per layer."})
+    mask_iterations: int = field(default=15, metadata={"help": "Iterations during which the mask is re-selected."})
+    rho: float = field(default=1.0, metadata={"help": "ADMM penalty parameter."})
+    dampening: float = field(
+        default=0.1, metadata={"help": "Damping toward the dense weights, as a fraction of the mean Gram diagonal."}
+    )
+    per_output: bool = field(
+        default=False, metadata={"help": "Select unstructured masks per output row instead of per layer."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is unknown; allowed: {', '.join(map(repr, SCHEDULES))}")
+        _check_type("iterations", self.iterations, int, "an integer >= 1")
+        if self.iterations < 1:
+            raise ValueError(f"iterations={self.iterations!r} is invalid; allowed: an integer >= 1")
+        _check_type("mask_iterations", self.mask_iterations, int, f"an integer in [1, iterations={self.iterations}]")
+        if not 1 <= self.mask_iterations <= self.iterations:
+            raise ValueError(
+                f"mask_iterations={self.mask_iterations!r} is invalid; allowed: an integer in "
+                f"[1, iterations={self.iterations}]"
+            )
+        _check_type("rho", self.rho, (int, float), "a number > 0")
+        if not self.rho > 0:
+            raise ValueError(f"rho={self.rho!r} is invalid; allowed: a number > 0")
+        self.rho = float(self.rho)
+        _check_type("dampening", self.dampening, (int, float), "a number >= 0")
+        if not self.dampening >= 0:
+            raise ValueError(f"dampening={self.dampening!r} is invalid; allowed: a number >= 0")
+        self.dampening = float(self.dampening)
+        _check_type("per_output", self.per_output, bool, "True or False")

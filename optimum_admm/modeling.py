@@ -1,0 +1,168 @@
+"""Model structure without per-architecture copies: decoder blocks, prunable linears, target matching.
+
+Decoder blocks are found as the largest ``nn.ModuleList`` of identical modules that contain linear layers, which
+covers LLaMA, Mistral, Qwen2, Gemma (``model.layers``), OPT (``model.decoder.layers``), GPT-2 (``transformer.h``),
+GPT-NeoX (``gpt_neox.layers``) and most other causal LMs without naming any of them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "find_decoder_blocks",
+    "find_prunable_layers",
+    "matches",
+    "get_weight_matrix",
+    "set_weight_matrix",
+    "execution_device",
+    "is_linear",
+]
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it today
+        return None
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` or transformers' GPT-2 style ``Conv1D`` (weights stored transposed)."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(name, blocks)`` for the decoder blocks of ``model``.
+
+    Raises:
+        ValueError: when no ``nn.ModuleList`` of identical blocks holding linear layers exists.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        >>> find_decoder_blocks(model)[0]
+        'model.layers'
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        first_type = type(module[0])
+        if not all(type(child) is first_type for child in module):
+            continue
+        if not all(any(is_linear(m) for m in child.modules()) for child in module):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(
+            f"model of type {type(model).__name__} has no decoder blocks that optimum-admm can find: expected an "
+            "nn.ModuleList of identical blocks containing nn.Linear (or Conv1D) layers"
+        )
+    return best[1], best[2]
+
+
+def matches(name: str, module: nn.Module, pattern: str) -> bool:
+    """Whether a module matches a target/ignore ``pattern``.
+
+    A pattern is a class name (``"Linear"``), a module name matched on dot boundaries from the right
+    (``"q_proj"``, ``"self_attn.q_proj"``, ``"lm_head"``) or ``"re:<regex>"`` matched in full against the module
+    name.
+
+    Example:
+        >>> from torch import nn
+        >>> matches("model.layers.0.self_attn.q_proj", nn.Linear(2, 2), "q_proj")
+        True
+        >>> matches("model.layers.0.mlp.up_proj", nn.Linear(2, 2), "re:.*mlp\\\\..*")
+        True
+        >>> matches("model.layers.0.mlp.up_proj", nn.Linear(2, 2), "proj")
+        False
+    """
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if pattern == type(module).__name__:
+        return True
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _matches_any(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
+    return any(matches(name, module, p) for p in patterns)
+
+
+def find_prunable_layers(
+    model: nn.Module,
+    targets: list[str],
+    ignore: list[str],
+    blocks: nn.ModuleList | None = None,
+    blocks_name: str | None = None,
+    default_targets: Iterable[str] = (),
+) -> list[dict[str, nn.Module]]:
+    """The linears to prune, per decoder block, as ``[{full_name: module}, ...]``.
+
+    A target pattern that matches no module of the model raises (class-name defaults such as ``"Conv1D"`` on a
+    model without Conv1D are exempt), and so does a selection that is empty.
+    """
+    if blocks is None or blocks_name is None:
+        blocks_name, blocks = find_decoder_blocks(model)
+    all_modules = list(model.named_modules())
+    for pattern in targets:
+        if pattern in default_targets:
+            continue
+        if not any(matches(name, module, pattern) for name, module in all_modules):
+            raise ValueError(
+                f"targets pattern {pattern!r} matches no module of {type(model).__name__}; module names look like "
+                f"{[n for n, m in all_modules if is_linear(m)][:4]}"
+            )
+    per_block: list[dict[str, nn.Module]] = []
+    for index, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
+        layers = {}
+        for local_name, module in block.named_modules():
+            name = f"{prefix}.{local_name}" if local_name else prefix
+            if is_linear(module) and _matches_any(name, module, targets) and not _matches_any(name, module, ignore):
+                layers[name] = module
+        per_block.append(layers)
+    if not any(per_block):
+        raise ValueError(
+            f"targets={targets!r} with ignore={ignore!r} select no linear layer inside the decoder blocks "
+            f"({blocks_name}) of {type(model).__name__}"
+        )
+    return per_block
+
+
+def get_weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out_features, in_features)`` (a transposed view for ``Conv1D``)."""
+    return module.weight.data.T if _is_conv1d(module) else module.weight.data
+
+
+def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an ``(out_features, in_features)`` weight back in the module's own layout, dtype and device."""
+    target = module.weight.data
+    value = weight.T if _is_conv1d(module) else weight
+    target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's hook execution device if it has one, else its first parameter's."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")

@@ -1,0 +1,226 @@
+"""``ADMMPruner``: the façade, in the shape of Optimum's compression API. No maths here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from optimum.quantization_base import OptimumQuantizer
+from torch import nn
+
+from .calibration import CalibrationSource, describe_source, get_calibration_data
+from .configuration import ADMMConfig, PruningConfig
+from .modeling import find_decoder_blocks, find_prunable_layers, get_weight_matrix
+from .registry import get_method
+from .reporting import PruningReport
+from .sequential import prune_model
+
+__all__ = ["ADMMPruner"]
+
+logger = logging.getLogger(__name__)
+
+
+def _check_config(config: PruningConfig | None) -> PruningConfig:
+    if config is None:
+        return ADMMConfig()
+    if not isinstance(config, PruningConfig):
+        raise ValueError(
+            f"config of type {type(config).__name__} is invalid; allowed: a PruningConfig such as ADMMConfig(...)"
+        )
+    get_method(config)  # fails now, not after loading, when the config type has no registered method
+    return config
+
+
+class ADMMPruner(OptimumQuantizer):
+    """Prune a Hugging Face causal LM block by block with ADMM (or any registered method).
+
+    Args:
+        model: the model to prune in place (a ``PreTrainedModel``, possibly spread by an accelerate device map).
+        tokenizer: its tokenizer (needed for text calibration data and for saving).
+        config: the pruning recipe; defaults to ``ADMMConfig()`` (50% unstructured).
+
+    Example:
+        >>> from optimum_admm import ADMMConfig, ADMMPruner
+        >>> pruner = ADMMPruner.from_pretrained("HuggingFaceTB/SmolLM2-135M", config=ADMMConfig(sparsity=0.6))  # doctest: +SKIP
+        >>> report = pruner.prune(calibration_dataset="wikitext2", save_dir="smollm2-admm-60")  # doctest: +SKIP
+        >>> print(report.summary(max_rows=5))  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, config: PruningConfig | None = None) -> None:
+        self.config = _check_config(config)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model of type {type(model).__name__} is invalid; allowed: a torch nn.Module")
+        self.model = model
+        self.tokenizer = tokenizer
+        blocks_name, blocks = find_decoder_blocks(model)
+        self._layers = find_prunable_layers(
+            model, self.config.targets, self.config.ignore, blocks, blocks_name, type(self.config)().targets
+        )
+        if self.config.nm is not None:
+            m = self.config.nm[1]
+            for layers in self._layers:
+                for name, module in layers.items():
+                    in_features = get_weight_matrix(module).shape[1]
+                    if in_features % m:
+                        raise ValueError(
+                            f"mask_structure={self.config.mask_structure!r} needs in_features divisible by M={m}; "
+                            f"{name} has in_features={in_features}. Add it to `ignore` or use another pattern"
+                        )
+        self.report: PruningReport | None = None
+        logger.info(
+            "%s: %d blocks at %s, %d layers to prune",
+            type(model).__name__,
+            len(blocks),
+            blocks_name,
+            sum(len(layers) for layers in self._layers),
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_path: str | os.PathLike | nn.Module,
+        config: PruningConfig | None = None,
+        tokenizer: Any = None,
+        *,
+        torch_dtype: torch.dtype | str | None = "auto",
+        device_map: str | dict[str, Any] | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        **model_kwargs: Any,
+    ) -> ADMMPruner:
+        """Load a model (local path or Hub id) or wrap one already loaded.
+
+        Args:
+            model_or_path: a Hub id, a local checkpoint directory, or a loaded ``PreTrainedModel``.
+            config: the pruning recipe (validated before anything is loaded).
+            tokenizer: the tokenizer of an already loaded model; loaded from ``model_or_path`` otherwise.
+            torch_dtype: dtype to load the weights in (``"auto"``: as stored).
+            device_map: passed to transformers/accelerate (``"auto"``, ``"cpu"``, a dict, ...).
+            revision: Hub revision (branch, tag or commit).
+            trust_remote_code: allow custom modeling code from the Hub. Off by default; turn on only for repos you
+                trust.
+            **model_kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
+
+        Example:
+            >>> pruner = ADMMPruner.from_pretrained(model, tokenizer=tokenizer,  # doctest: +SKIP
+            ...     config=ADMMConfig(sparsity=0.5, mask_structure="2:4"))
+        """
+        config = _check_config(config)
+        if isinstance(model_or_path, nn.Module):
+            if model_kwargs or device_map is not None or revision is not None:
+                raise ValueError(
+                    "device_map, revision and loading keyword arguments apply only when model_or_path is a path or "
+                    "Hub id; got an already loaded model"
+                )
+            return cls(model_or_path, tokenizer=tokenizer, config=config)
+        if not isinstance(model_or_path, (str, os.PathLike)):
+            raise ValueError(
+                f"model_or_path of type {type(model_or_path).__name__} is invalid; allowed: a Hub id, a local "
+                "path or a loaded PreTrainedModel"
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        load_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+        model = AutoModelForCausalLM.from_pretrained(
+            model_or_path,
+            dtype=torch_dtype,
+            device_map=device_map,
+            use_safetensors=True,
+            **load_kwargs,
+            **model_kwargs,
+        )
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_or_path, **load_kwargs)
+        return cls(model, tokenizer=tokenizer, config=config)
+
+    def prune(
+        self,
+        calibration_dataset: CalibrationSource | None = None,
+        save_dir: str | os.PathLike | None = None,
+        *,
+        text_column: str = "text",
+        overwrite: bool = False,
+        show_progress: bool = True,
+    ) -> PruningReport:
+        """Prune the model in place and return the per-layer report.
+
+        Args:
+            calibration_dataset: ``"wikitext2"``, ``"c4"``, a ``datasets.Dataset``, a list of strings, a text file
+                path, a DataLoader of token ids or a ``(num_samples, length)`` tensor. Not needed by methods that
+                use no calibration data.
+            save_dir: when given, the pruned model, tokenizer and ``pruning_config.json`` are saved there.
+            text_column: the text column of a ``datasets.Dataset``.
+            overwrite: allow ``save_dir`` to be an existing non-empty directory.
+            show_progress: show a progress bar over the decoder blocks.
+
+        Example:
+            >>> report = pruner.prune(calibration_dataset=["some text", "more text"])  # doctest: +SKIP
+        """
+        config = self.config
+        if save_dir is not None:
+            from .export import check_save_dir
+
+            check_save_dir(save_dir, overwrite)
+        batches = None
+        calibration: dict[str, Any] = {}
+        if config.needs_calibration:
+            if calibration_dataset is None:
+                raise ValueError(
+                    f"calibration_dataset=None is invalid for method {config.method!r}; allowed: 'wikitext2', "
+                    "'c4', a datasets.Dataset, a list of strings, a text file path, a DataLoader or a tensor"
+                )
+            sequence_length = self._sequence_length()
+            ids = get_calibration_data(
+                calibration_dataset,
+                self.tokenizer,
+                num_samples=config.num_samples,
+                sequence_length=sequence_length,
+                seed=config.seed,
+                text_column=text_column,
+            )
+            batches = list(ids.split(1))
+            calibration = {
+                "dataset": describe_source(calibration_dataset),
+                "num_samples": int(ids.shape[0]),
+                "sequence_length": int(ids.shape[1]),
+                "seed": config.seed,
+            }
+        report = prune_model(self.model, config, batches, show_progress=show_progress)
+        report.calibration = calibration
+        self.report = report
+        logger.info("pruned: sparsity %.4f over %d layers", report.sparsity, len(report.layers))
+        if save_dir is not None:
+            self.save_pretrained(save_dir, overwrite=overwrite)
+        return report
+
+    def quantize(self, save_dir: str | Path, file_prefix: str | None = None, **kwargs: Any) -> PruningReport:
+        """Optimum's compression verb: prune, then save to ``save_dir`` (``file_prefix`` is not used)."""
+        if file_prefix is not None:
+            warnings.warn("file_prefix is ignored: the output uses transformers' file names", stacklevel=2)
+        return self.prune(save_dir=save_dir, **kwargs)
+
+    def save_pretrained(self, save_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Save the model (safetensors), the tokenizer and ``pruning_config.json`` atomically to ``save_dir``."""
+        from .export import save_pruned
+
+        return save_pruned(self.model, self.tokenizer, self.config, self.report, save_dir, overwrite=overwrite)
+
+    def _sequence_length(self) -> int:
+        requested = self.config.sequence_length
+        model_config = getattr(self.model, "config", None)
+        limit = None
+        for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            limit = getattr(model_config, attribute, None)
+            if isinstance(limit, int) and limit > 0:
+                break
+        if isinstance(limit, int) and 0 < limit < requested:
+            warnings.warn(
+                f"sequence_length={requested} exceeds the model's {limit} positions; calibrating at {limit}",
+                stacklevel=3,
+            )
+            return limit
+        return requested

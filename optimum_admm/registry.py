@@ -1,0 +1,80 @@
+"""Which algorithm prunes a layer for which config type. The driver never asks which method it runs.
+
+Adding a method is one config class, one algorithm module and one :func:`register_method` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from .configuration import ADMMConfig, PruningConfig
+
+__all__ = ["LayerPruneFn", "register_method", "get_method", "config_class_for", "registered_methods"]
+
+#: ``fn(weight (out, in), gram (in, in) or None, config) -> pruned weight``.
+LayerPruneFn = Callable[[torch.Tensor, "torch.Tensor | None", PruningConfig], torch.Tensor]
+
+_METHODS: dict[type[PruningConfig], LayerPruneFn] = {}
+_C = TypeVar("_C", bound=type[PruningConfig])
+
+
+def register_method(config_cls: type[PruningConfig], fn: LayerPruneFn) -> None:
+    """Register the layer-pruning function run for configs of type ``config_cls``.
+
+    Example:
+        >>> from optimum_admm.registry import get_method
+        >>> from optimum_admm import ADMMConfig
+        >>> callable(get_method(ADMMConfig()))
+        True
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, PruningConfig)):
+        raise ValueError(f"config_cls={config_cls!r} is invalid; allowed: a PruningConfig subclass")
+    _METHODS[config_cls] = fn
+
+
+def get_method(config: PruningConfig) -> LayerPruneFn:
+    """The layer-pruning function for ``config`` (looked up by its type, most specific first)."""
+    for cls in type(config).__mro__:
+        if cls in _METHODS:
+            return _METHODS[cls]
+    raise ValueError(
+        f"config of type {type(config).__name__} has no registered method; registered: "
+        f"{sorted(c.__name__ for c in _METHODS)}"
+    )
+
+
+def registered_methods() -> dict[str, type[PruningConfig]]:
+    """``{method name: config class}`` of every registered method."""
+    return {cls.method: cls for cls in _METHODS}
+
+
+def config_class_for(method: str | None) -> type[PruningConfig]:
+    """The config class registered under ``method`` (the ``"method"`` key of a saved recipe)."""
+    methods = registered_methods()
+    if method not in methods:
+        raise ValueError(f"method={method!r} is unknown; allowed: {sorted(methods)}")
+    return methods[method]
+
+
+def _admm(weight: torch.Tensor, gram: torch.Tensor | None, config: PruningConfig) -> torch.Tensor:
+    from .algorithms.admm import admm_prune
+
+    assert isinstance(config, ADMMConfig) and gram is not None  # guaranteed by the registration and the driver
+    return admm_prune(
+        weight,
+        gram,
+        sparsity=config.sparsity,
+        nm=config.nm,
+        schedule=config.schedule,
+        iterations=config.iterations,
+        mask_iterations=config.mask_iterations,
+        rho=config.rho,
+        dampening=config.dampening,
+        per_output=config.per_output,
+    )
+
+
+register_method(ADMMConfig, _admm)

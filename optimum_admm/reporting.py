@@ -1,0 +1,99 @@
+"""What a pruning run did, layer by layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "PruningReport"]
+
+
+@dataclass
+class LayerReport:
+    """One pruned layer.
+
+    Attributes:
+        name: full module name.
+        shape: ``(out_features, in_features)``.
+        sparsity: achieved fraction of exact zeros.
+        relative_error: ``||X(W - W0)^T||^2 / ||X W0^T||^2`` on the calibration inputs (``None`` without them).
+        seconds: wall time of the solve for this layer.
+        num_tokens: calibration tokens seen by the layer.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    relative_error: float | None
+    seconds: float
+    num_tokens: int = 0
+
+
+@dataclass
+class PruningReport:
+    """Per-layer results and timings of one pruning run.
+
+    Example:
+        >>> report = PruningReport(method="admm", config={}, layers=[LayerReport("a", (2, 2), 0.5, 0.01, 0.1)])
+        >>> report.sparsity, report.mean_relative_error
+        (0.5, 0.01)
+    """
+
+    method: str
+    config: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    forward_seconds: float = 0.0
+    statistics_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over every pruned layer, weighted by size."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / total if total else 0.0
+
+    @property
+    def mean_relative_error(self) -> float | None:
+        """Mean of the per-layer relative reconstruction errors (``None`` if none was measured)."""
+        errors = [r.relative_error for r in self.layers if r.relative_error is not None]
+        return sum(errors) / len(errors) if errors else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (with the aggregate sparsity and error)."""
+        data = dataclasses.asdict(self)
+        data["sparsity"] = self.sparsity
+        data["mean_relative_error"] = self.mean_relative_error
+        return data
+
+    def to_json(self, indent: int = 2) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self, max_rows: int | None = None) -> str:
+        """A plain-text table of the layers and the totals."""
+        rows = self.layers if max_rows is None else self.layers[:max_rows]
+        width = max([len(r.name) for r in rows] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':>12}  {'sparsity':>8}  {'rel. error':>10}  {'seconds':>7}"]
+        for r in rows:
+            err = "n/a" if r.relative_error is None else f"{r.relative_error:.3e}"
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            lines.append(f"{r.name:<{width}}  {shape:>12}  {r.sparsity:>8.4f}  {err:>10}  {r.seconds:>7.3f}")
+        if max_rows is not None and len(self.layers) > max_rows:
+            lines.append(f"... {len(self.layers) - max_rows} more layers")
+        mean = self.mean_relative_error
+        mean_text = "n/a" if mean is None or math.isnan(mean) else f"{mean:.3e}"
+        lines.append(
+            f"{self.method}: {len(self.layers)} layers, sparsity {self.sparsity:.4f}, mean relative error "
+            f"{mean_text}, {self.total_seconds:.1f}s (forward {self.forward_seconds:.1f}s, statistics "
+            f"{self.statistics_seconds:.1f}s, solve {self.solve_seconds:.1f}s)"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,293 @@
+"""The block-by-block driver: the one place that owns hooks, devices and progress.
+
+For each decoder block in order: run the dense block on every calibration sample with hooks that accumulate one
+Gram matrix per distinct input (q/k/v share one, gate/up share one), prune every targeted linear with the method the
+registry gives for the config, then run the pruned block again to produce the next block's inputs. Block inputs are
+captured generically: a pre-hook records the hidden states and every keyword argument each block receives (masks,
+position ids, rotary ``position_embeddings``, cache position), so no architecture is named here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .configuration import PruningConfig
+from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
+from .registry import get_method
+from .reporting import LayerReport, PruningReport
+from .stats import GramAccumulator, relative_reconstruction_error
+
+__all__ = ["prune_model"]
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end a model forward once the first block's inputs are recorded."""
+
+
+@dataclass
+class _BlockInputs:
+    hidden: list[torch.Tensor]  # one (batch, seq, hidden) tensor per calibration batch, kept on `storage`
+    # per block: the other positional and the keyword arguments it receives (the same for every sample)
+    arguments: list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.device == b.device
+            and torch.equal(a, b)
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=False))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+def _first_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _model_input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return execution_device(embeddings)
+    return execution_device(model)
+
+
+def _capture_inputs(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], storage: torch.device
+) -> _BlockInputs:
+    """Record the first block's hidden states for every batch and each block's keyword arguments.
+
+    The first batch runs through the whole (dense) model so that every block's own arguments are seen (models such
+    as Gemma 3 give sliding-window and global layers different masks and rotary tables); the other batches stop at
+    the first block. Keyword arguments must not depend on the sample, which holds for unpadded windows.
+    """
+    hidden: list[torch.Tensor] = []
+    arguments: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * len(blocks)
+    state = {"full": True}
+
+    def make_hook(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            kwargs = dict(kwargs)
+            hidden_states = args[0] if args else kwargs.pop("hidden_states")
+            received = (tuple(args[1:]), kwargs)
+            if index == 0:
+                hidden.append(hidden_states.detach().to(storage))
+            if state["full"]:
+                arguments[index] = received
+            elif not _same(received, arguments[0]):
+                raise RuntimeError(
+                    "the first decoder block received different keyword arguments for different calibration "
+                    "samples; optimum-admm needs sample-independent masks and positions (unpadded windows)"
+                )
+            if not state["full"]:
+                raise _StopForward
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    device = _model_input_device(model)
+    try:
+        for index, batch in enumerate(batches):
+            state["full"] = index == 0
+            with contextlib.suppress(_StopForward):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, received in enumerate(arguments) if received is None]
+    if missing:
+        raise RuntimeError(f"decoder blocks {missing} were never called during the model forward")
+    return _BlockInputs(hidden=hidden, arguments=arguments)  # type: ignore[arg-type]
+
+
+def _run_block(block: nn.Module, inputs: _BlockInputs, index: int, device: torch.device, storage: torch.device):
+    args, kwargs = _to_device(inputs.arguments[index], device)
+    for hidden in inputs.hidden:
+        yield _first_output(block(hidden.to(device), *args, **kwargs)).detach().to(storage)
+
+
+def _share_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: _BlockInputs, index: int, device):
+    """Group the block's layers by shared input, in execution order, from one probe forward on the first batch."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    names = {module: name for name, module in layers.items()}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        seen.append((names[module], args[0]))
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers.values()]
+    try:
+        probe = _BlockInputs(hidden=inputs.hidden[:1], arguments=inputs.arguments)
+        for _ in _run_block(block, probe, index, device, device):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    group_inputs: list[torch.Tensor] = []
+    assigned: set[str] = set()
+    for name, tensor in seen:
+        if name in assigned:
+            continue
+        assigned.add(name)
+        for group, group_input in zip(groups, group_inputs, strict=False):
+            if group_input is tensor:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+            group_inputs.append(tensor)
+    groups.extend([name] for name in layers if name not in assigned)  # never called on the probe batch
+    return groups
+
+
+def _accumulate_grams(block, layers, groups, inputs, index, device, timings) -> dict[str, GramAccumulator]:
+    """Run the block on every batch; one Gram per group, filled by a hook on the group's first layer."""
+    accumulators: dict[str, GramAccumulator] = {}
+    handles = []
+    for group in groups:
+        leader = layers[group[0]]
+        accumulator = GramAccumulator(get_weight_matrix(leader).shape[1], device=device)
+        for name in group:
+            accumulators[name] = accumulator
+
+        def hook(module: nn.Module, args: tuple, acc: GramAccumulator = accumulator) -> None:
+            start = time.perf_counter()
+            acc.add(args[0])
+            timings["statistics"] += time.perf_counter() - start
+
+        handles.append(leader.register_forward_pre_hook(hook))
+    start = time.perf_counter()
+    try:
+        for _ in _run_block(block, inputs, index, device, device):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    timings["forward"] += time.perf_counter() - start
+    return accumulators
+
+
+def _prune_layer(name: str, module: nn.Module, gram: torch.Tensor | None, config, method) -> LayerReport:
+    start = time.perf_counter()
+    dense = get_weight_matrix(module)
+    pruned = method(dense, gram, config)
+    error = None if gram is None else relative_reconstruction_error(dense, pruned, gram)
+    set_weight_matrix(module, pruned)
+    if dense.is_cuda:
+        torch.cuda.synchronize(dense.device)
+    seconds = time.perf_counter() - start
+    sparsity = float((get_weight_matrix(module) == 0).sum()) / dense.numel()
+    return LayerReport(name, tuple(dense.shape), sparsity, error, seconds)
+
+
+def prune_model(
+    model: nn.Module,
+    config: PruningConfig,
+    calibration_batches: list[torch.Tensor] | None,
+    storage_device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> PruningReport:
+    """Prune ``model`` in place, block by block, with the method registered for ``config``.
+
+    Args:
+        model: a causal LM (``PreTrainedModel``) on any device, or spread by an accelerate device map.
+        config: the pruning recipe.
+        calibration_batches: ``(batch, sequence_length)`` token-id tensors; ``None`` for methods that need none.
+        storage_device: where block inputs wait between blocks (``"cpu"`` keeps them off the accelerator).
+        show_progress: show a tqdm bar over the blocks.
+
+    Returns:
+        The :class:`~optimum_admm.reporting.PruningReport`.
+    """
+    started = time.perf_counter()
+    blocks_name, blocks = find_decoder_blocks(model)
+    layers_per_block = find_prunable_layers(
+        model, config.targets, config.ignore, blocks, blocks_name, default_targets=type(config)().targets
+    )
+    method = get_method(config)
+    storage = torch.device(storage_device)
+    timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
+    report = PruningReport(method=config.method, config=config.to_dict())
+    unpruned: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs = None
+            if config.needs_calibration:
+                if not calibration_batches:
+                    raise ValueError(f"method {config.method!r} needs calibration_batches; got none")
+                start = time.perf_counter()
+                inputs = _capture_inputs(model, blocks, calibration_batches, storage)
+                timings["forward"] += time.perf_counter() - start
+            bar = tqdm(range(len(blocks)), desc=f"Pruning ({config.method})", unit="block", disable=not show_progress)
+            for index in bar:
+                block, layers = blocks[index], layers_per_block[index]
+                device = execution_device(block)
+                if inputs is None:
+                    for name, module in layers.items():
+                        report.layers.append(_prune_layer(name, module, None, config, method))
+                    continue
+                groups = _share_groups(block, layers, inputs, index, device)
+                stages = groups if config.true_sequential else [[n for g in groups for n in g]]
+                for stage in stages:
+                    stage_groups = [g for g in groups if g[0] in stage]
+                    grams = _accumulate_grams(block, layers, stage_groups, inputs, index, device, timings)
+                    for name in stage:
+                        accumulator = grams[name]
+                        if accumulator.num_tokens == 0:
+                            unpruned.append(name)
+                            continue
+                        row = _prune_layer(name, layers[name], accumulator.gram, config, method)
+                        row.num_tokens = accumulator.num_tokens
+                        report.layers.append(row)
+                        timings["solve"] += row.seconds
+                    del grams
+                start = time.perf_counter()
+                inputs.hidden = list(_run_block(block, inputs, index, device, storage))
+                timings["forward"] += time.perf_counter() - start
+                errors = [r.relative_error for r in report.layers[-len(layers) :] if r.relative_error is not None]
+                if errors:
+                    bar.set_postfix(mean_rel_error=f"{sum(errors) / len(errors):.2e}")
+                    logger.info("block %d: mean relative error %.3e", index, sum(errors) / len(errors))
+    finally:
+        model.train(was_training)
+    if unpruned:
+        raise RuntimeError(
+            f"{len(unpruned)} targeted layers received no calibration input and were left dense: {unpruned[:5]}; "
+            "add them to `ignore` or use more calibration samples"
+        )
+    if not config.needs_calibration:
+        timings["solve"] = sum(r.seconds for r in report.layers)
+    report.forward_seconds = timings["forward"] - timings["statistics"]
+    report.statistics_seconds = timings["statistics"]
+    report.solve_seconds = timings["solve"]
+    report.total_seconds = time.perf_counter() - started
+    return report

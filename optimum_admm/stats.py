@@ -1,0 +1,49 @@
+"""Input statistics of a linear layer, shared between layers that read the same input.
+
+The Gram matrix ``G = X^T X`` (fp32, summed over every calibration token) is all ADMM and SparseGPT need; its
+diagonal holds the squared input-channel norms that Wanda uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["GramAccumulator", "relative_reconstruction_error"]
+
+
+class GramAccumulator:
+    """Accumulates ``X^T X`` over calibration batches in fp32.
+
+    Example:
+        >>> acc = GramAccumulator(3)
+        >>> acc.add(torch.ones(2, 5, 3))
+        >>> acc.gram[0, 0].item(), acc.num_tokens
+        (10.0, 10)
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.num_tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Add the tokens of ``inputs`` (``(..., in_features)``)."""
+        x = inputs.reshape(-1, inputs.shape[-1]).to(device=self.gram.device, dtype=torch.float32)
+        self.gram.addmm_(x.T, x)
+        self.num_tokens += x.shape[0]
+
+
+def relative_reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||X (W - W0)^T||^2 / ||X W0^T||^2``, computed from the Gram matrix in fp32.
+
+    Example:
+        >>> w0 = torch.tensor([[1.0, 2.0]])
+        >>> round(relative_reconstruction_error(w0, torch.tensor([[1.0, 0.0]]), torch.eye(2)), 6)
+        0.8
+    """
+    w0 = dense.to(device=gram.device, dtype=torch.float32)
+    delta = pruned.to(device=gram.device, dtype=torch.float32) - w0
+    numerator = ((delta @ gram) * delta).sum()
+    denominator = ((w0 @ gram) * w0).sum()
+    if denominator <= 0:
+        return 0.0 if numerator <= 0 else float("inf")
+    return float(numerator / denominator)

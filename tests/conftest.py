@@ -1,0 +1,164 @@
+"""Shared fixtures: tiny random causal LMs built from configs, a tokenizer trained here, small text."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+VOCAB_SIZE = 320
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which this be or has had "
+    "not but they their one all new more been would who will about its after first two people year state union "
+    "government congress nation public country great house law war peace trade money ship whale sea captain "
+    "python function class module import return value list string file data time world"
+).split()
+
+
+def make_text(num_words: int = 4000, seed: int = 0) -> str:
+    """Deterministic pseudo-English text (a Zipf-like draw over a fixed vocabulary), with paragraphs."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) for rank in range(len(_WORDS))]
+    words = rng.choices(_WORDS, weights=weights, k=num_words)
+    lines = [" ".join(words[i : i + 12]).capitalize() + "." for i in range(0, num_words, 12)]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return make_text()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_text):
+    """A byte-level BPE tokenizer trained on the test text (vocabulary < VOCAB_SIZE)."""
+    return build_tokenizer(corpus_text)
+
+
+def build_tokenizer(corpus_text: str):
+    """Train a byte-level BPE tokenizer on ``corpus_text`` (vocabulary < VOCAB_SIZE)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import decoders as tk_decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk_decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 8,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_text.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        )
+    )
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            sliding_window=None,
+        )
+    )
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    )
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=32,
+        )
+    )
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=256))
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+    )
+
+
+TINY_MODELS = {
+    "llama": _llama,
+    "mistral-gqa": _mistral,
+    "qwen2": _qwen2,
+    "opt": _opt,
+    "gpt2": _gpt2,
+    "gpt-neox": _gpt_neox,
+}
+
+
+def build_tiny_model(name: str, seed: int = 0):
+    """A freshly initialised tiny model of family ``name`` (fp32, eval mode, seeded)."""
+    torch.manual_seed(seed)
+    model = TINY_MODELS[name]()
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model_name(request) -> str:
+    return request.param
