@@ -1,0 +1,86 @@
+"""Mask functions against hand-computed masks, and the cubic schedule values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimum_admm.masks import (
+    cubic_sparsity,
+    gradual_nm_mask,
+    is_valid_nm,
+    nm_mask,
+    num_pruned,
+    scheduled_sparsity,
+    select_mask,
+    unstructured_mask,
+)
+
+SCORES = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 8.0, 7.0, 6.0]])
+
+
+def test_unstructured_per_layer_by_hand():
+    # the four smallest of the layer: 0.5, 1, 2, 3
+    assert unstructured_mask(SCORES, 0.5).int().tolist() == [[1, 0, 0, 0], [0, 1, 1, 1]]
+    # floor(8 * 0.3) = 2 smallest: 0.5 and 1
+    assert unstructured_mask(SCORES, 0.3).int().tolist() == [[1, 0, 1, 1], [0, 1, 1, 1]]
+
+
+def test_unstructured_per_row_by_hand():
+    assert unstructured_mask(SCORES, 0.5, per_output=True).int().tolist() == [[1, 0, 1, 0], [0, 1, 1, 0]]
+    assert unstructured_mask(SCORES, 0.75, per_output=True).int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+
+
+def test_ties_are_broken_by_lower_index_first():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 2.0]])
+    assert unstructured_mask(scores, 0.5).int().tolist() == [[0, 0, 0, 1, 1, 1]]
+    assert nm_mask(torch.ones(1, 4), 2, 4).int().tolist() == [[0, 0, 1, 1]]
+
+
+def test_two_four_by_hand():
+    scores = torch.tensor([[1.0, 4.0, 3.0, 2.0, 5.0, 0.0, 6.0, 7.0], [9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 4.0, 3.0]])
+    assert nm_mask(scores, 2, 4).int().tolist() == [[0, 1, 1, 0, 0, 0, 1, 1], [1, 1, 0, 0, 0, 0, 1, 1]]
+
+
+def test_four_eight_by_hand():
+    scores = torch.tensor([[8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0]])
+    assert nm_mask(scores, 4, 8).int().tolist() == [[1, 0, 1, 0, 1, 0, 1, 0]]
+
+
+def test_nm_needs_divisible_inputs():
+    with pytest.raises(ValueError, match="not divisible by M=4"):
+        nm_mask(torch.ones(2, 6), 2, 4)
+
+
+def test_cubic_schedule_values():
+    values = [cubic_sparsity(0.5, t, 15) for t in range(15)]
+    assert values[0] == pytest.approx(0.5 - 0.5 * (14 / 15) ** 3)
+    assert round(values[0], 3) == 0.093 and round(values[1], 3) == 0.175
+    assert values[-1] == 0.5
+    assert all(a < b for a, b in zip(values, values[1:], strict=False))
+    assert [scheduled_sparsity(0.5, t, 15, "constant") for t in (0, 7, 14)] == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        scheduled_sparsity(0.5, 0, 15, "linear")
+
+
+def test_gradual_nm_protects_top_n_and_ends_valid():
+    torch.manual_seed(0)
+    scores = torch.rand(16, 32)
+    protected = nm_mask(scores, 2, 4)
+    for s in (0.1, 0.3, 0.45):
+        mask = gradual_nm_mask(scores, 2, 4, s)
+        assert bool(mask[protected].all())
+        assert int((~mask).sum()) == num_pruned(scores.numel(), s)
+    assert torch.equal(gradual_nm_mask(scores, 2, 4, 0.5), protected)
+    assert torch.equal(select_mask(scores, 0.5, nm=(2, 4)), protected)
+
+
+def test_num_pruned_is_robust_to_round_off():
+    assert num_pruned(8, 0.75) == 6
+    assert num_pruned(10, 0.7) == 7
+    assert num_pruned(3, 0.5) == 1
+
+
+def test_is_valid_nm():
+    assert is_valid_nm(torch.tensor([[1.0, 0.0, 2.0, 0.0]]), 2, 4)
+    assert not is_valid_nm(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 2, 4)
