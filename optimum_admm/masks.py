@@ -57,17 +57,27 @@ def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tens
     """Keep-mask pruning the ``k`` smallest scores (over everything, or along ``dim``), ties by lower index."""
     if k <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    flat = scores.reshape(-1) if dim is None else scores
-    axis = 0 if dim is None else dim
-    if k >= flat.shape[axis]:
+    if dim is None:
+        flat = scores.reshape(-1)
+        if k >= flat.numel():
+            return torch.zeros_like(scores, dtype=torch.bool)
+        threshold = flat.kthvalue(k).values  # 0-d: broadcasting a 0-d tensor is much cheaper than a (1,) one
+        pruned = flat <= threshold
+        if int(pruned.sum()) > k:  # ties at the threshold: prune the lower indices first
+            ties = flat == threshold
+            still_needed = k - int((flat < threshold).sum())
+            pruned = (flat < threshold) | (ties & (ties.cumsum(0, dtype=torch.int32) <= still_needed))
+        return (~pruned).reshape(scores.shape)
+    if k >= scores.shape[dim]:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = flat.kthvalue(k, dim=axis, keepdim=True).values
-    below = flat < threshold
-    ties = flat == threshold
-    still_needed = k - below.sum(dim=axis, keepdim=True)
-    tie_rank = ties.to(torch.int32).cumsum(dim=axis)
-    pruned = below | (ties & (tie_rank <= still_needed))
-    return (~pruned).reshape(scores.shape)
+    threshold = scores.kthvalue(k, dim=dim, keepdim=True).values
+    pruned = scores <= threshold
+    if bool((pruned.sum(dim=dim) > k).any()):
+        below = scores < threshold
+        ties = scores == threshold
+        still_needed = k - below.sum(dim=dim, keepdim=True)
+        pruned = below | (ties & (ties.cumsum(dim, dtype=torch.int32) <= still_needed))
+    return ~pruned
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_output: bool = False) -> torch.Tensor:
