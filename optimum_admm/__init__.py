@@ -5,7 +5,7 @@ Example:
     >>> config = ADMMConfig(sparsity=0.5, mask_structure="2:4")
 """
 
-from .configuration import ADMMConfig, PruningConfig
+from .configuration import ADMMConfig, MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
 from .pruner import ADMMPruner
 from .registry import register_method
 from .reporting import LayerReport, PruningReport
@@ -15,8 +15,11 @@ __all__ = [
     "ADMMConfig",
     "ADMMPruner",
     "LayerReport",
+    "MagnitudeConfig",
     "PruningConfig",
     "PruningReport",
+    "SparseGPTConfig",
+    "WandaConfig",
     "register_method",
     "__version__",
 ]

@@ -260,3 +260,73 @@ class ADMMConfig(PruningConfig):
             raise ValueError(f"dampening={self.dampening!r} is invalid; allowed: a number >= 0")
         self.dampening = float(self.dampening)
         _check_type("per_output", self.per_output, bool, "True or False")
+
+
+@dataclass
+class SparseGPTConfig(PruningConfig):
+    """SparseGPT (Frantar & Alistarh 2023, https://arxiv.org/abs/2301.00774): OBS column sweep with lazy batch updates.
+
+    Example:
+        >>> from optimum_admm import SparseGPTConfig
+        >>> SparseGPTConfig(sparsity=0.6).block_size
+        128
+    """
+
+    method: ClassVar[str] = "sparsegpt"
+
+    block_size: int = field(default=128, metadata={"help": "Columns per lazy batch update (and per mask choice)."})
+    dampening: float = field(default=0.01, metadata={"help": "Damping, as a fraction of the mean Hessian diagonal."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_type("block_size", self.block_size, int, "an integer >= 1")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size!r} is invalid; allowed: an integer >= 1")
+        if self.nm is not None and self.block_size % self.nm[1]:
+            raise ValueError(
+                f"block_size={self.block_size!r} is invalid for mask_structure={self.mask_structure!r}; allowed: a "
+                f"multiple of M={self.nm[1]}"
+            )
+        _check_type("dampening", self.dampening, (int, float), "a number > 0")
+        if not self.dampening > 0:
+            raise ValueError(f"dampening={self.dampening!r} is invalid; allowed: a number > 0")
+        self.dampening = float(self.dampening)
+
+
+@dataclass
+class WandaConfig(PruningConfig):
+    """Wanda (Sun et al. 2023, https://arxiv.org/abs/2306.11695): prune by ``|W_ij| * ||X_j||``, no weight update.
+
+    Example:
+        >>> from optimum_admm import WandaConfig
+        >>> WandaConfig(mask_structure="2:4").per_output
+        True
+    """
+
+    method: ClassVar[str] = "wanda"
+
+    per_output: bool = field(default=True, metadata={"help": "Select per output row (the paper) or per layer."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_type("per_output", self.per_output, bool, "True or False")
+
+
+@dataclass
+class MagnitudeConfig(PruningConfig):
+    """Magnitude pruning: zero the smallest ``|W|``. Reads no calibration data.
+
+    Example:
+        >>> from optimum_admm import MagnitudeConfig
+        >>> MagnitudeConfig(sparsity=0.5).needs_calibration
+        False
+    """
+
+    method: ClassVar[str] = "magnitude"
+    needs_calibration: ClassVar[bool] = False
+
+    per_output: bool = field(default=False, metadata={"help": "Select per output row instead of per layer."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_type("per_output", self.per_output, bool, "True or False")

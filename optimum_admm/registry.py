@@ -6,11 +6,11 @@ Adding a method is one config class, one algorithm module and one :func:`registe
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 
-from .configuration import ADMMConfig, PruningConfig
+from .algorithms import admm_prune, magnitude_prune, sparsegpt_prune, wanda_prune
+from .configuration import ADMMConfig, MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
 
 __all__ = ["LayerPruneFn", "register_method", "get_method", "config_class_for", "registered_methods"]
 
@@ -18,7 +18,6 @@ __all__ = ["LayerPruneFn", "register_method", "get_method", "config_class_for", 
 LayerPruneFn = Callable[[torch.Tensor, "torch.Tensor | None", PruningConfig], torch.Tensor]
 
 _METHODS: dict[type[PruningConfig], LayerPruneFn] = {}
-_C = TypeVar("_C", bound=type[PruningConfig])
 
 
 def register_method(config_cls: type[PruningConfig], fn: LayerPruneFn) -> None:
@@ -59,10 +58,7 @@ def config_class_for(method: str | None) -> type[PruningConfig]:
     return methods[method]
 
 
-def _admm(weight: torch.Tensor, gram: torch.Tensor | None, config: PruningConfig) -> torch.Tensor:
-    from .algorithms.admm import admm_prune
-
-    assert isinstance(config, ADMMConfig) and gram is not None  # guaranteed by the registration and the driver
+def _admm(weight: torch.Tensor, gram: torch.Tensor | None, config: ADMMConfig) -> torch.Tensor:
     return admm_prune(
         weight,
         gram,
@@ -77,4 +73,21 @@ def _admm(weight: torch.Tensor, gram: torch.Tensor | None, config: PruningConfig
     )
 
 
+def _sparsegpt(weight: torch.Tensor, gram: torch.Tensor | None, config: SparseGPTConfig) -> torch.Tensor:
+    return sparsegpt_prune(
+        weight, gram, config.sparsity, nm=config.nm, block_size=config.block_size, dampening=config.dampening
+    )
+
+
+def _wanda(weight: torch.Tensor, gram: torch.Tensor | None, config: WandaConfig) -> torch.Tensor:
+    return wanda_prune(weight, gram, config.sparsity, nm=config.nm, per_output=config.per_output)
+
+
+def _magnitude(weight: torch.Tensor, gram: torch.Tensor | None, config: MagnitudeConfig) -> torch.Tensor:
+    return magnitude_prune(weight, config.sparsity, nm=config.nm, per_output=config.per_output)
+
+
 register_method(ADMMConfig, _admm)
+register_method(SparseGPTConfig, _sparsegpt)
+register_method(WandaConfig, _wanda)
+register_method(MagnitudeConfig, _magnitude)

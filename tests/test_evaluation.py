@@ -100,7 +100,9 @@ def test_stride_scores_only_new_tokens(model, tokenizer):
 
 
 @pytest.mark.parametrize("add_bos", [False, True])
-@pytest.mark.parametrize(("num_tokens", "content", "stride"), [(1, 4, 4), (2, 4, 4), (10, 4, 4), (23, 8, 3), (9, 9, 1)])
+@pytest.mark.parametrize(
+    ("num_tokens", "content", "stride"), [(1, 4, 4), (2, 4, 4), (10, 4, 4), (23, 8, 3), (9, 9, 1)]
+)
 def test_plan_windows_scores_each_token_at_most_once(num_tokens, content, stride, add_bos):
     scored = []
     for begin, end, first in plan_windows(num_tokens, content, stride, add_bos):

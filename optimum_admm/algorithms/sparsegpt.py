@@ -1,0 +1,89 @@
+"""SparseGPT: one-shot pruning by an approximate Optimal Brain Surgeon column sweep.
+
+Paper: Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", ICML 2023,
+https://arxiv.org/abs/2301.00774.
+
+With ``H = X^T X`` (fp32; dead channels get ``H_jj = 1`` and zero weights), damped by ``dampening * mean(diag H)``,
+and ``U`` the upper Cholesky factor of ``H^-1``, columns are swept in blocks of ``block_size``:
+
+    at a block's start choose its mask by w^2 / U_jj^2 (N:M: every M columns, on the current updated weights)
+    for each column j:  err = (w_j - q_j) / U_jj;   W[:, j:] -= err * U[j, j:]
+    after the block:    W[:, end:] -= Err_block @ U[block, end:]      (the lazy batch update)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..masks import nm_mask, unstructured_mask
+from ._precision import full_fp32
+from .admm import _cholesky_inverse
+
+__all__ = ["sparsegpt_prune"]
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    dampening: float = 0.01,
+) -> torch.Tensor:
+    """Prune one layer with SparseGPT.
+
+    Args:
+        weight: ``(out_features, in_features)`` dense weights.
+        gram: ``X^T X``, ``(in_features, in_features)`` (any positive scale: the result does not depend on it).
+        sparsity: fraction of zeros; each block of columns gets ``floor(out * block * sparsity)`` of them.
+        nm: ``(N, M)`` for an N:M mask.
+        block_size: columns per lazy batch update.
+        dampening: damping as a fraction of the mean Hessian diagonal.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(128, 16, generator=g)
+        >>> pruned = sparsegpt_prune(torch.randn(4, 16, generator=g), x.T @ x, 0.5)
+        >>> int((pruned == 0).sum())
+        32
+    """
+    if sparsity <= 0:
+        return weight.detach().clone()
+    with torch.no_grad(), full_fp32():
+        w = weight.detach().to(torch.float32).clone()
+        h = gram.to(device=w.device, dtype=torch.float32).clone()
+        columns = w.shape[1]
+        dead = h.diagonal() <= 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        h.diagonal().add_(dampening * float(h.diagonal().mean()))
+        h_inv = _cholesky_inverse(h)
+        u = torch.linalg.cholesky(h_inv, upper=True)
+        del h, h_inv
+
+        for start in range(0, columns, block_size):
+            end = min(start + block_size, columns)
+            w_block = w[:, start:end].clone()
+            u_block = u[start:end, start:end]
+            u_diag = u_block.diagonal()
+            errors = torch.zeros_like(w_block)
+            prune = None
+            if nm is None:
+                prune = ~unstructured_mask(w_block.square() / u_diag.square(), sparsity)
+            for i in range(end - start):
+                if nm is not None and i % nm[1] == 0:
+                    group = slice(i, i + nm[1])
+                    group_prune = ~nm_mask(w_block[:, group].square() / u_diag[group].square(), nm[0], nm[1])
+                    prune = group_prune if prune is None else torch.cat([prune, group_prune], dim=1)
+                column = w_block[:, i]
+                pruned_column = column.masked_fill(prune[:, i], 0.0)
+                error = (column - pruned_column) / u_block[i, i]
+                w_block[:, i:] -= error[:, None] * u_block[i, i:][None, :]
+                w_block[:, i] = pruned_column
+                errors[:, i] = error
+            w[:, start:end] = w_block
+            w[:, end:] -= errors @ u[start:end, end:]
+        w[:, dead] = 0.0
+        if not torch.isfinite(w).all():
+            raise FloatingPointError("SparseGPT produced non-finite weights; check the calibration activations.")
+    return w.to(dtype=weight.dtype)

@@ -1,0 +1,37 @@
+"""Wanda: prune by ``|W_ij| * ||X_j||_2``, no weight update.
+
+Paper: Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for Large Language Models", ICLR 2024,
+https://arxiv.org/abs/2306.11695. The input norms come from the diagonal of the Gram matrix ``X^T X``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..masks import select_mask
+
+__all__ = ["wanda_scores", "wanda_prune"]
+
+
+def wanda_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * sqrt(G_jj)``, in fp32."""
+    norms = gram.diagonal().to(device=weight.device, dtype=torch.float32).clamp_min(0).sqrt()
+    return weight.detach().abs().float() * norms
+
+
+def wanda_prune(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    per_output: bool = True,
+) -> torch.Tensor:
+    """Zero the weights with the smallest Wanda score (per output row by default, or N:M).
+
+    Example:
+        >>> w = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+        >>> wanda_prune(w, torch.diag(torch.tensor([4.0, 1.0, 9.0, 0.25])), 0.5).tolist()
+        [[1.0, 0.0, 1.0, 0.0]]
+    """
+    keep = select_mask(wanda_scores(weight, gram), sparsity, nm=nm, per_output=per_output)
+    return weight.detach().masked_fill(~keep, 0.0)
