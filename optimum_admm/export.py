@@ -1,4 +1,10 @@
-"""Saving a pruned model: safetensors that plain transformers loads, the tokenizer and ``pruning_config.json``.
+"""Saving a pruned model: safetensors that plain transformers loads, the tokenizer, ``pruning_config.json``, a model
+card and, optionally, the packed masks.
+
+Storage stays dense: pruned weights are stored as ordinary safetensors in which the pruned entries are exact zeros.
+No ``quantization_config`` or compressed-tensors ``sparsity_config`` is written into ``config.json``, so
+``AutoModelForCausalLM.from_pretrained(save_dir)`` needs no extra code (and no loader can mistake the checkpoint for
+a compressed one and load random weights).
 
 Writes are atomic: everything goes to a temporary directory beside the target, which is renamed into place only
 when complete, so an interrupted save never leaves a directory that looks complete.
@@ -8,25 +14,54 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
+import platform
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from .configuration import PruningConfig
 from .reporting import PruningReport
 from .version import __version__
 
-__all__ = ["check_save_dir", "save_pruned", "PRUNING_CONFIG_NAME"]
+__all__ = [
+    "MASKS_NAME",
+    "PRUNING_CONFIG_NAME",
+    "check_save_dir",
+    "load_masks",
+    "load_pruning_config",
+    "normalize_evaluation_results",
+    "pruning_metadata",
+    "read_pruning_metadata",
+    "save_pruned",
+]
+
+logger = logging.getLogger(__name__)
 
 PRUNING_CONFIG_NAME = "pruning_config.json"
+MASKS_NAME = "masks.safetensors"
+#: Version of the ``pruning_config.json`` layout (bumped when keys change meaning).
+FORMAT_VERSION = 1
+_MASK_FORMAT = "packbits-little-v1"
 
 
 def check_save_dir(save_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse, before any work, a ``save_dir`` that is a file or a non-empty directory (unless ``overwrite``)."""
+    """Refuse, before any work, a ``save_dir`` that is a file or a non-empty directory (unless ``overwrite``).
+
+    Example:
+        >>> check_save_dir("/tmp/not-there-yet", overwrite=False).name
+        'not-there-yet'
+    """
+    if not isinstance(save_dir, (str, os.PathLike)) or not str(save_dir):
+        raise ValueError(f"save_dir={save_dir!r} is invalid; allowed: a directory path")
     path = Path(save_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"save_dir={str(save_dir)!r} exists and is not a directory")
@@ -35,25 +70,193 @@ def check_save_dir(save_dir: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def _check_max_shard_size(max_shard_size: int | str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    allowed = "a positive number of bytes or a size string such as '5GB', '500MB' or '2GiB'"
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
+        raise ValueError(f"max_shard_size={max_shard_size!r} is invalid; allowed: {allowed}")
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise ValueError(f"max_shard_size={max_shard_size!r} is invalid; allowed: {allowed}") from None
+    if size <= 0:
+        raise ValueError(f"max_shard_size={max_shard_size!r} is invalid; allowed: {allowed}")
+    return size
+
+
+def normalize_evaluation_results(results: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Bring evaluation results to ``{dataset: {"perplexity": float, ...}}``.
+
+    Each value may be a number (the perplexity), a ``PerplexityResult`` or a dict with a ``"perplexity"`` key (other
+    keys such as ``"sequence_length"`` or ``"dense_perplexity"`` are kept).
+
+    Example:
+        >>> normalize_evaluation_results({"wikitext2": 14.5})
+        {'wikitext2': {'perplexity': 14.5}}
+    """
+    if results is None:
+        return {}
+    allowed = "a dict {dataset name: perplexity | PerplexityResult | {'perplexity': float, ...}}"
+    if not isinstance(results, Mapping):
+        raise ValueError(f"evaluation_results of type {type(results).__name__} is invalid; allowed: {allowed}")
+    normalized: dict[str, dict[str, Any]] = {}
+    for dataset, value in results.items():
+        if hasattr(value, "to_dict") and not isinstance(value, Mapping):
+            value = value.to_dict()
+        entry = dict(value) if isinstance(value, Mapping) else {"perplexity": value}
+        ppl = entry.get("perplexity")
+        if not isinstance(dataset, str) or not dataset or isinstance(ppl, bool) or not isinstance(ppl, (int, float)):
+            raise ValueError(f"evaluation_results[{dataset!r}]={value!r} is invalid; allowed: {allowed}")
+        if not math.isfinite(float(ppl)) or float(ppl) <= 0:
+            raise ValueError(f"evaluation_results[{dataset!r}] perplexity={ppl!r} is invalid; allowed: a number > 0")
+        entry["perplexity"] = float(ppl)
+        normalized[dataset] = entry
+    return normalized
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
-    versions = {"optimum-admm": __version__}
-    for name in ("torch", "transformers", "optimum", "accelerate", "safetensors"):
+    versions = {"optimum-admm": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "optimum", "accelerate", "safetensors", "huggingface-hub", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     return versions
 
 
-def pruning_metadata(config: PruningConfig, report: PruningReport | None) -> dict[str, Any]:
-    """The content of ``pruning_config.json``: the recipe, calibration, per-layer sparsity and versions."""
-    data: dict[str, Any] = {"method": config.method, "config": config.to_dict(), "versions": _versions()}
+def pruning_metadata(
+    config: PruningConfig,
+    report: PruningReport | None,
+    evaluation_results: Mapping[str, Any] | None = None,
+    masks_file: str | None = None,
+) -> dict[str, Any]:
+    """The content of ``pruning_config.json``: the recipe, calibration, per-layer sparsity, evaluation, versions.
+
+    Example:
+        >>> from optimum_admm import ADMMConfig
+        >>> pruning_metadata(ADMMConfig(sparsity=0.6), None)["config"]["sparsity"]
+        0.6
+    """
+    data: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "config": config.to_dict(),
+        "storage": "dense",
+    }
     if report is not None:
-        data["calibration"] = report.calibration
+        data["calibration"] = dict(report.calibration)
         data["sparsity"] = report.sparsity
         data["mean_relative_error"] = report.mean_relative_error
-        data["layers"] = {r.name: {"sparsity": r.sparsity, "relative_error": r.relative_error} for r in report.layers}
+        data["layers"] = {
+            r.name: {"shape": list(r.shape), "sparsity": r.sparsity, "relative_error": r.relative_error}
+            for r in report.layers
+        }
+    evaluation = normalize_evaluation_results(evaluation_results)
+    if evaluation:
+        data["evaluation"] = evaluation
+    if masks_file is not None:
+        data["masks"] = {"file": masks_file, "format": _MASK_FORMAT}
+    data["versions"] = _versions()
     return data
+
+
+def read_pruning_metadata(save_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``pruning_config.json`` from a saved pruned model.
+
+    Example:
+        >>> read_pruning_metadata("smollm2-admm-60")["sparsity"]  # doctest: +SKIP
+        0.6
+    """
+    path = Path(save_dir) / PRUNING_CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"save_dir={str(save_dir)!r} has no {PRUNING_CONFIG_NAME}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_pruning_config(save_dir: str | os.PathLike) -> PruningConfig:
+    """Rebuild the recipe (the config object) a pruned model was made with.
+
+    Example:
+        >>> load_pruning_config("smollm2-admm-60")  # doctest: +SKIP
+        ADMMConfig(sparsity=0.6, mask_structure='unstructured', ...)
+    """
+    return PruningConfig.from_dict(read_pruning_metadata(save_dir)["config"])
+
+
+def _pack_masks(model: nn.Module, report: PruningReport) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Non-zero masks of every pruned layer's ``weight`` (in the parameter's own layout), bit-packed."""
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for row in report.layers:
+        weight = model.get_submodule(row.name).weight.detach()
+        key = f"{row.name}.weight"
+        bits = np.packbits((weight != 0).flatten().cpu().numpy(), bitorder="little")
+        tensors[key] = torch.from_numpy(bits)
+        shapes[key] = list(weight.shape)
+    return tensors, {"format": _MASK_FORMAT, "shapes": json.dumps(shapes)}
+
+
+def load_masks(save_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load the masks saved with ``save_masks=True``: ``{parameter name: bool tensor}`` (``True`` = kept).
+
+    The names are the model's parameter names (``"model.layers.0.mlp.up_proj.weight"``), the shapes those of the
+    parameters, so a mask-preserving fine-tuning loop can multiply gradients or weights by them directly.
+
+    Example:
+        >>> masks = load_masks("smollm2-admm-60")  # doctest: +SKIP
+        >>> for name, param in model.named_parameters():  # doctest: +SKIP
+        ...     if name in masks:
+        ...         param.data.mul_(masks[name])
+    """
+    from safetensors import safe_open
+
+    path = Path(save_dir) / MASKS_NAME
+    if not path.is_file():
+        raise ValueError(f"save_dir={str(save_dir)!r} has no {MASKS_NAME}; save with save_masks=True")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != _MASK_FORMAT:
+            raise ValueError(f"{path} has mask format {metadata.get('format')!r}; expected {_MASK_FORMAT!r}")
+        shapes = json.loads(metadata["shapes"])
+        masks = {}
+        for key, shape in shapes.items():
+            bits = handle.get_tensor(key).numpy()
+            flat = np.unpackbits(bits, count=math.prod(shape), bitorder="little").astype(bool)
+            masks[key] = torch.from_numpy(flat.reshape(shape))
+    return masks
+
+
+def _write_contents(
+    staging: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    config: PruningConfig,
+    report: PruningReport | None,
+    *,
+    max_shard_size: int | str,
+    save_masks: bool,
+    evaluation_results: Mapping[str, Any] | None,
+    card_kwargs: dict[str, Any] | None,
+) -> None:
+    from safetensors.torch import save_file
+
+    model.save_pretrained(staging, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    masks_file = None
+    if save_masks:
+        assert report is not None  # checked by save_pruned
+        tensors, metadata = _pack_masks(model, report)
+        save_file(tensors, str(staging / MASKS_NAME), metadata=metadata)
+        masks_file = MASKS_NAME
+    metadata_dict = pruning_metadata(config, report, evaluation_results, masks_file)
+    (staging / PRUNING_CONFIG_NAME).write_text(json.dumps(metadata_dict, indent=2) + "\n", encoding="utf-8")
+    if card_kwargs is not None:
+        from .card import build_model_card
+
+        card = build_model_card(metadata_dict, model_config=getattr(model, "config", None), **card_kwargs)
+        card.save(staging / "README.md")
 
 
 def save_pruned(
@@ -63,16 +266,66 @@ def save_pruned(
     report: PruningReport | None,
     save_dir: str | os.PathLike,
     overwrite: bool = False,
+    *,
+    max_shard_size: int | str = "5GB",
+    save_masks: bool = False,
+    evaluation_results: Mapping[str, Any] | None = None,
+    model_card: bool = True,
+    base_model: str | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
 ) -> Path:
-    """Save atomically: a temporary sibling directory, renamed over ``save_dir`` once complete."""
+    """Save a pruned model atomically: a temporary sibling directory, renamed over ``save_dir`` once complete.
+
+    Args:
+        model: the pruned ``PreTrainedModel``.
+        tokenizer: its tokenizer (or ``None``).
+        config: the recipe it was pruned with.
+        report: the pruning report (calibration, per-layer sparsity); ``None`` if unknown.
+        save_dir: the target directory.
+        overwrite: replace an existing non-empty ``save_dir``.
+        max_shard_size: safetensors shard size (``"5GB"``, ``"500MB"`` or bytes); larger models are sharded with an
+            index file, as transformers does.
+        save_masks: also write ``masks.safetensors`` (bit-packed, see :func:`load_masks`).
+        evaluation_results: ``{dataset: perplexity}`` measured on the pruned model, for the sidecar and the card.
+        model_card: write a ``README.md`` model card.
+        base_model: Hub id of the dense model (default: the model's ``_name_or_path`` when it is a Hub id).
+        license: the card's license (default: the base model's when known locally).
+        repo_id: the Hub repo the model is meant for (names the card and its usage snippet).
+
+    Returns:
+        The resolved target directory.
+
+    Example:
+        >>> save_pruned(pruner.model, pruner.tokenizer, pruner.config, pruner.report, "out")  # doctest: +SKIP
+        PosixPath('/.../out')
+    """
     target = check_save_dir(save_dir, overwrite).resolve()
+    _check_max_shard_size(max_shard_size)
+    if not isinstance(save_masks, bool):
+        raise ValueError(f"save_masks={save_masks!r} is invalid; allowed: True or False")
+    if save_masks and (report is None or not report.layers):
+        raise ValueError("save_masks=True needs a pruned model (a PruningReport with layers); prune first")
+    normalize_evaluation_results(evaluation_results)
+    for name, value in (("base_model", base_model), ("license", license), ("repo_id", repo_id)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: a non-empty string or None")
+    card_kwargs = {"base_model": base_model, "license": license, "repo_id": repo_id} if model_card else None
+
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / PRUNING_CONFIG_NAME).write_text(json.dumps(pruning_metadata(config, report), indent=2) + "\n")
+        _write_contents(
+            staging,
+            model,
+            tokenizer,
+            config,
+            report,
+            max_shard_size=max_shard_size,
+            save_masks=save_masks,
+            evaluation_results=evaluation_results,
+            card_kwargs=card_kwargs,
+        )
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(backup)
@@ -83,4 +336,5 @@ def save_pruned(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    logger.info("saved the pruned model to %s", target)
     return target

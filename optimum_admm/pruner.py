@@ -203,11 +203,101 @@ class ADMMPruner(OptimumQuantizer):
             warnings.warn("file_prefix is ignored: the output uses transformers' file names", stacklevel=2)
         return self.prune(save_dir=save_dir, **kwargs)
 
-    def save_pretrained(self, save_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Save the model (safetensors), the tokenizer and ``pruning_config.json`` atomically to ``save_dir``."""
+    def save_pretrained(
+        self,
+        save_dir: str | os.PathLike,
+        overwrite: bool = False,
+        *,
+        max_shard_size: int | str = "5GB",
+        save_masks: bool = False,
+        evaluation_results: dict[str, Any] | None = None,
+        base_model: str | None = None,
+        license: str | None = None,
+    ) -> Path:
+        """Save the pruned model atomically: safetensors, tokenizer, ``pruning_config.json`` and a model card.
+
+        The output loads with plain ``AutoModelForCausalLM.from_pretrained(save_dir)``. Storage stays dense (pruned
+        weights are exact zeros; no ``quantization_config`` or ``sparsity_config`` is written).
+
+        Args:
+            save_dir: the target directory (written beside it, then renamed into place).
+            overwrite: replace an existing non-empty ``save_dir``.
+            max_shard_size: safetensors shard size, e.g. ``"5GB"``; larger models are sharded with an index.
+            save_masks: also write bit-packed ``masks.safetensors`` (read with :func:`optimum_admm.export.load_masks`).
+            evaluation_results: ``{dataset: perplexity}`` of the pruned model for the sidecar and the card's
+                ``model-index``; defaults to ``self.evaluation_results`` when the caller set it.
+            base_model: Hub id of the dense model for the card (default: the model's ``_name_or_path``).
+            license: the card's license (default: the base model's when known locally).
+
+        Example:
+            >>> pruner.evaluation_results = {"wikitext2": 14.2}  # doctest: +SKIP
+            >>> pruner.save_pretrained("smollm2-admm-60", save_masks=True)  # doctest: +SKIP
+        """
         from .export import save_pruned
 
-        return save_pruned(self.model, self.tokenizer, self.config, self.report, save_dir, overwrite=overwrite)
+        if evaluation_results is None:
+            evaluation_results = getattr(self, "evaluation_results", None)
+        return save_pruned(
+            self.model,
+            self.tokenizer,
+            self.config,
+            self.report,
+            save_dir,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            save_masks=save_masks,
+            evaluation_results=evaluation_results,
+            base_model=base_model,
+            license=license,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Push the weights, ``pruning_config.json`` and the model card to the Hub in one commit.
+
+        The model is saved to a temporary directory (see :meth:`save_pretrained`; ``save_kwargs`` go there) and
+        uploaded with ``huggingface_hub`` (``create_repo(exist_ok=True)``, then ``upload_folder``).
+
+        Args:
+            repo_id: ``"namespace/name"``; created if missing.
+            private: visibility of a newly created repo.
+            token: a Hub token (default: ``HF_TOKEN`` or the stored login). Never logged or written.
+            revision: branch to commit to (created if missing); default ``main``.
+            commit_message: the commit message.
+
+        Returns:
+            The ``huggingface_hub.CommitInfo`` of the commit.
+
+        Example:
+            >>> pruner.push_to_hub("me/smollm2-admm-60", private=True)  # doctest: +SKIP
+        """
+        import tempfile
+
+        from .export import save_pruned
+        from .hub import check_push_arguments, push_folder_to_hub
+
+        check_push_arguments(repo_id, private, token, revision, commit_message)
+        save_kwargs.setdefault("evaluation_results", getattr(self, "evaluation_results", None))
+        with tempfile.TemporaryDirectory(prefix="optimum-admm-push-") as tmp:
+            folder = save_pruned(
+                self.model,
+                self.tokenizer,
+                self.config,
+                self.report,
+                Path(tmp) / "model",
+                repo_id=repo_id,
+                **save_kwargs,
+            )
+            return push_folder_to_hub(
+                folder, repo_id, private=private, token=token, revision=revision, commit_message=commit_message
+            )
 
     def _sequence_length(self) -> int:
         requested = self.config.sequence_length

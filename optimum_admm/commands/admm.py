@@ -1,0 +1,310 @@
+"""``optimum-cli admm prune`` and ``optimum-cli admm evaluate``.
+
+Parsing is light (argparse and optimum's command base classes); torch, transformers, datasets and the pruning code
+are imported inside ``run()``. Bad arguments are argparse errors (exit code 2, the argument named, no traceback).
+The Hub token is never a command-line argument: it comes from ``HF_TOKEN`` or ``hf auth login``.
+
+Example:
+    optimum-cli admm prune --model HuggingFaceTB/SmolLM2-135M --method admm --sparsity 0.6 --pattern unstructured \\
+        --dataset wikitext2 --num-samples 128 --sequence-length 2048 --output smollm2-admm-60
+    optimum-cli admm evaluate --model smollm2-admm-60 --dataset wikitext2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+__all__ = ["ADMMCommand", "EvaluateCommand", "PruneCommand"]
+
+_NAMED_DATASETS = ("wikitext2", "c4")
+
+
+class _RegisteredMethods:
+    """argparse ``choices`` that read :func:`optimum_admm.registry.registered_methods` only when first needed."""
+
+    def _names(self) -> list[str]:
+        from ..registry import registered_methods
+
+        return sorted(registered_methods())
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: an integer >= 1")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; allowed: a number in [0, 1)")
+    return value
+
+
+def _pattern(text: str) -> str:
+    from ..configuration import parse_nm
+
+    try:
+        nm = parse_nm(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+def _dataset(text: str) -> str:
+    if text in _NAMED_DATASETS or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a named dataset ({', '.join(_NAMED_DATASETS)}) nor an existing text file"
+    )
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing file")
+    return text
+
+
+def _dataset_key(dataset: str) -> str:
+    """The name a dataset argument is recorded under (a file is recorded by its file name, never its path)."""
+    return dataset if dataset in _NAMED_DATASETS else Path(dataset).name
+
+
+def _texts(dataset: str) -> Any:
+    """What :func:`optimum_admm.evaluation.perplexity` takes: a named benchmark, or a file's text as a list."""
+    return dataset if dataset in _NAMED_DATASETS else [Path(dataset).read_text(encoding="utf-8")]
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+class PruneCommand(BaseOptimumCLICommand):
+    """``admm prune``: prune a causal LM, save it (and optionally push it to the Hub)."""
+
+    COMMAND = CommandInfo(name="prune", help="Prune a causal LM with ADMM (or another registered method) and save it.")
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, help="Hub id or local directory of the dense model.")
+        parser.add_argument(
+            "--method",
+            default=None,
+            choices=_RegisteredMethods(),
+            metavar="METHOD",
+            help="A pruning method registered in optimum_admm.registry (default: admm, or the --recipe's).",
+        )
+        parser.add_argument("--sparsity", type=_sparsity, default=None, help="Fraction of zeros, in [0, 1).")
+        parser.add_argument(
+            "--pattern", type=_pattern, default=None, help="'unstructured' (default) or 'N:M' such as '2:4'."
+        )
+        parser.add_argument(
+            "--dataset",
+            type=_dataset,
+            default="wikitext2",
+            help="Calibration data: 'wikitext2', 'c4' or a local text file (default: wikitext2).",
+        )
+        parser.add_argument("--num-samples", type=_positive_int, default=None, help="Calibration windows (128).")
+        parser.add_argument("--sequence-length", type=_positive_int, default=None, help="Tokens per window (2048).")
+        parser.add_argument("--seed", type=int, default=None, help="Seed for the calibration windows (0).")
+        parser.add_argument(
+            "--recipe",
+            type=_existing_file,
+            default=None,
+            help="A pruning_config.json to start from (every setting of a saved run); flags override it.",
+        )
+        parser.add_argument("--output", required=True, help="Directory to save the pruned model to.")
+        parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output directory.")
+        parser.add_argument("--save-masks", action="store_true", help="Also save bit-packed masks.safetensors.")
+        parser.add_argument("--max-shard-size", default="5GB", help="Safetensors shard size (default: 5GB).")
+        parser.add_argument(
+            "--eval-dataset",
+            type=_dataset,
+            default=None,
+            help="Measure perplexity on this dataset after pruning and record it in the card (default: skip).",
+        )
+        parser.add_argument(
+            "--eval-max-tokens", type=_positive_int, default=None, help="Evaluate only the first N tokens."
+        )
+        parser.add_argument("--base-model", default=None, help="Hub id of the dense model, for the model card.")
+        parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Also push to this Hub repo.")
+        parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+        parser.add_argument("--revision", default=None, help="Branch of the Hub repo to push to (default: main).")
+        parser.add_argument("--device-map", default=None, help="Passed to from_pretrained ('auto', 'cpu', ...).")
+        parser.add_argument("--torch-dtype", default="auto", help="Weights dtype (default: as stored).")
+        parser.add_argument(
+            "--trust-remote-code", action="store_true", help="Allow custom model code from the Hub (off by default)."
+        )
+        parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+
+    def _config(self) -> Any:
+        from ..configuration import PruningConfig
+        from ..registry import config_class_for
+
+        args = self.args
+        base: dict[str, Any] = {}
+        if args.recipe is not None:
+            data = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
+            base = dict(data.get("config", data))
+        method = args.method or base.get("method") or "admm"
+        if base.get("method", method) != method:
+            base = {}  # another method's recipe: only the shared settings given as flags apply
+        flags = {
+            "sparsity": args.sparsity,
+            "mask_structure": args.pattern,
+            "num_samples": args.num_samples,
+            "sequence_length": args.sequence_length,
+            "seed": args.seed,
+        }
+        values = {**base, **{k: v for k, v in flags.items() if v is not None}}
+        if args.pattern is not None and args.sparsity is None:
+            values.pop("sparsity", None)  # let the N:M pattern imply it
+        values["method"] = method
+        config_class_for(method)  # an unknown method in a recipe fails here, naming it
+        return PruningConfig.from_dict(values)
+
+    def run(self) -> None:
+        from ..export import _check_max_shard_size, check_save_dir, save_pruned
+        from ..hub import check_push_arguments
+
+        args = self.args
+        try:
+            config = self._config()
+            check_save_dir(args.output, args.overwrite)
+            _check_max_shard_size(args.max_shard_size)
+            if args.push_to_hub is not None:
+                check_push_arguments(args.push_to_hub, revision=args.revision)
+        except ValueError as err:
+            self.parser.error(str(err))
+
+        from ..pruner import ADMMPruner
+
+        pruner = ADMMPruner.from_pretrained(
+            args.model,
+            config=config,
+            torch_dtype=args.torch_dtype,
+            device_map=args.device_map,
+            trust_remote_code=args.trust_remote_code,
+        )
+        report = pruner.prune(calibration_dataset=args.dataset, show_progress=not args.no_progress)
+        print(report.summary(max_rows=20))
+        evaluation = None
+        if args.eval_dataset is not None:
+            from ..evaluation import perplexity
+
+            result = perplexity(
+                pruner.model,
+                pruner.tokenizer,
+                _texts(args.eval_dataset),
+                sequence_length=report.calibration.get("sequence_length", config.sequence_length),
+                max_tokens=args.eval_max_tokens,
+            )
+            evaluation = {_dataset_key(args.eval_dataset): result}
+            print(f"perplexity on {_dataset_key(args.eval_dataset)}: {result.perplexity:.4f}")
+        base_model = args.base_model
+        if base_model is None and not Path(args.model).exists():
+            base_model = args.model
+        path = save_pruned(
+            pruner.model,
+            pruner.tokenizer,
+            pruner.config,
+            report,
+            args.output,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            save_masks=args.save_masks,
+            evaluation_results=evaluation,
+            base_model=base_model,
+            repo_id=args.push_to_hub,
+        )
+        print(f"saved to {path}")
+        if args.push_to_hub is not None:
+            from ..hub import push_folder_to_hub
+
+            try:
+                info = push_folder_to_hub(
+                    path, args.push_to_hub, private=True if args.private else None, revision=args.revision
+                )
+            except PermissionError as err:
+                _fail(str(err))
+            print(f"pushed to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")
+
+
+class EvaluateCommand(BaseOptimumCLICommand):
+    """``admm evaluate``: perplexity of a (pruned) model."""
+
+    COMMAND = CommandInfo(name="evaluate", help="Measure the perplexity of a (pruned) causal LM.")
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, help="Hub id or local directory of the model.")
+        parser.add_argument(
+            "--dataset",
+            type=_dataset,
+            default="wikitext2",
+            help="'wikitext2' (default), 'c4' or a local text file.",
+        )
+        parser.add_argument("--sequence-length", type=_positive_int, default=2048, help="Window length (2048).")
+        parser.add_argument("--max-tokens", type=_positive_int, default=None, help="Evaluate the first N tokens.")
+        parser.add_argument("--batch-size", type=_positive_int, default=1, help="Windows per forward pass (1).")
+        parser.add_argument("--device-map", default=None, help="Passed to from_pretrained ('auto', 'cpu', ...).")
+        parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
+
+    def run(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..evaluation import perplexity
+
+        args = self.args
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", device_map=args.device_map).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        sequence_length = min(args.sequence_length, limit) if isinstance(limit, int) else args.sequence_length
+        result = perplexity(
+            model,
+            tokenizer,
+            _texts(args.dataset),
+            sequence_length=sequence_length,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+        )
+        if args.json:
+            print(json.dumps({"model": args.model, "dataset": _dataset_key(args.dataset), **result.to_dict()}))
+        else:
+            print(
+                f"perplexity on {_dataset_key(args.dataset)}: {result.perplexity:.4f} "
+                f"({result.num_tokens} tokens, {result.num_windows} windows of {result.sequence_length})"
+            )
+
+
+class ADMMCommand(BaseOptimumCLICommand):
+    """``optimum-cli admm``: the group of this library's commands."""
+
+    COMMAND = CommandInfo(name="admm", help="Prune causal LMs with ADMM (optimum-admm) and evaluate them.")
+    SUBCOMMANDS = (
+        CommandInfo(name=PruneCommand.COMMAND.name, help=PruneCommand.COMMAND.help, subcommand_class=PruneCommand),
+        CommandInfo(
+            name=EvaluateCommand.COMMAND.name, help=EvaluateCommand.COMMAND.help, subcommand_class=EvaluateCommand
+        ),
+    )

@@ -1,0 +1,126 @@
+"""Push a saved pruned model (weights, ``pruning_config.json``, model card) to the Hub in one commit.
+
+Everything goes through ``huggingface_hub``: ``create_repo(exist_ok=True)``, then ``upload_folder`` (one commit with
+every file; weight files the new save no longer has are deleted in the same commit). The endpoint is the one
+``huggingface_hub`` is configured with (``HF_ENDPOINT``). The token is passed to the client and nowhere else: it is
+never logged, printed or written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["push_folder_to_hub"]
+
+logger = logging.getLogger(__name__)
+
+#: Weight files of an earlier push that a new push replaces (a model re-saved with other shards leaves none behind).
+_STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
+
+
+def _check_repo_id(repo_id: Any) -> str:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    allowed = "a Hub repo id 'name' or 'namespace/name' (letters, digits, '-', '_', '.')"
+    if not isinstance(repo_id, str):
+        raise ValueError(f"repo_id={repo_id!r} is invalid; allowed: {allowed}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"repo_id={repo_id!r} is invalid; allowed: {allowed}") from None
+    return repo_id
+
+
+def check_push_arguments(
+    repo_id: Any, private: Any = None, token: Any = None, revision: Any = None, commit_message: Any = None
+) -> None:
+    """Validate the arguments of a push before any work (a bad ``repo_id`` fails before saving anything).
+
+    Example:
+        >>> check_push_arguments("org/model-sparse", private=True)
+    """
+    _check_repo_id(repo_id)
+    if private is not None and not isinstance(private, bool):
+        raise ValueError(f"private={private!r} is invalid; allowed: True, False or None")
+    if token is not None and not isinstance(token, (str, bool)):
+        raise ValueError(f"token of type {type(token).__name__} is invalid; allowed: a string, a bool or None")
+    for name, value in (("revision", revision), ("commit_message", commit_message)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: a non-empty string or None")
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> Any:
+    """Upload a saved pruned model directory to ``repo_id`` in one commit.
+
+    Args:
+        folder: a directory written by ``ADMMPruner.save_pretrained``.
+        repo_id: ``"namespace/name"``; created if missing (``private`` applies only then).
+        private: visibility of a newly created repo (``None``: the Hub's default).
+        token: a Hub token (default: the one ``huggingface_hub`` finds: ``HF_TOKEN`` or the stored login).
+        revision: the branch to commit to (created from the default branch if missing); default ``main``.
+        commit_message: default ``"Upload pruned model (<method>, <sparsity>)"``.
+
+    Returns:
+        The ``huggingface_hub.CommitInfo`` of the commit.
+
+    Raises:
+        PermissionError: the Hub refused the token (HTTP 401/403); the message never contains the token.
+        huggingface_hub.errors.HfHubHTTPError: any other Hub error; nothing is committed when the commit fails.
+
+    Example:
+        >>> push_folder_to_hub("smollm2-admm-60", "me/smollm2-admm-60", private=True)  # doctest: +SKIP
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    check_push_arguments(repo_id, private, token, revision, commit_message)
+    folder = Path(folder)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ValueError(f"folder={str(folder)!r} is not a saved model directory (no config.json)")
+    if commit_message is None:
+        commit_message = _default_message(folder)
+    api = HfApi(token=token)  # built now, so that it uses the endpoint configured at call time
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+            delete_patterns=_STALE_PATTERNS,
+        )
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise PermissionError(
+                f"the Hub refused to push to {repo_id!r} (HTTP {status}): check that the token is valid and has "
+                "write access to this namespace"
+            ) from None
+        raise
+    logger.info("pushed %s to %s (commit %s)", folder, repo_id, getattr(info, "oid", "?"))
+    return info
+
+
+def _default_message(folder: Path) -> str:
+    import json
+
+    try:
+        data = json.loads((folder / "pruning_config.json").read_text(encoding="utf-8"))
+        config = data["config"]
+        return f"Upload pruned model ({data['method']}, {config['mask_structure']}, sparsity {config['sparsity']:g})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "Upload pruned model"

@@ -1,0 +1,158 @@
+"""push_to_hub against a real Hub-compatible HTTP server on 127.0.0.1, through the real huggingface_hub client.
+
+The client is pointed at the server the way ``HF_ENDPOINT`` does it (``huggingface_hub.constants``, read at call
+time by ``HfApi`` and the download functions); the CLI test in ``test_cli.py`` sets ``HF_ENDPOINT`` itself in a
+subprocess. Xet is disabled, so weights take the LFS path (batch, upload, verify).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from hub_server import HubServer
+
+from optimum_admm import ADMMConfig, ADMMPruner
+
+TOKEN = "hf_test_Secret_4f9c2b7e"  # must never appear in a file, a log or an error message
+# huggingface_hub's own LFS upload passes a file object as data=, which httpx2 deprecates: not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+FAST = {"num_samples": 4, "sequence_length": 32, "iterations": 8, "mask_iterations": 4}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with HubServer({TOKEN}) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub(server, tmp_path, monkeypatch, caplog):
+    """Point huggingface_hub at the local server, with an empty cache and no ambient token."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    caplog.set_level(logging.DEBUG)
+    return server
+
+
+@pytest.fixture(scope="module")
+def pruned(tokenizer, corpus_text):
+    pruner = ADMMPruner.from_pretrained(
+        build_tiny_model("llama"), tokenizer=tokenizer, config=ADMMConfig(sparsity=0.5, **FAST)
+    )
+    pruner.prune(calibration_dataset=[corpus_text], show_progress=False)
+    return pruner
+
+
+def _logits(model, tokenizer, text):
+    ids = tokenizer(text[:300], return_tensors="pt")["input_ids"][:, :40]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _assert_token_nowhere(tmp_path, server, caplog, capsys, *texts):
+    captured = capsys.readouterr()
+    for text in (caplog.text, captured.out, captured.err, "\n".join(server.state.log), *texts):
+        assert TOKEN not in text
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    for repo in server.state.repos.values():
+        for commits in repo.branches.values():
+            for commit in commits:
+                assert all(TOKEN.encode() not in f.content for f in commit.files.values())
+
+
+def test_first_push_then_download(hub, pruned, tmp_path, corpus_text, caplog, capsys):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    pruned.evaluation_results = {"wikitext2": 99.5}
+    try:
+        info = pruned.push_to_hub("org/first", token=TOKEN, base_model="org/tiny-llama")
+    finally:
+        del pruned.evaluation_results
+    files = hub.state.files("org/first")
+    assert {"model.safetensors", "config.json", "pruning_config.json", "README.md", "tokenizer.json"} <= set(files)
+    commits = hub.state.commits("org/first")
+    assert len(commits) == 2 and commits[-1].oid == info.oid  # the initial commit and ours: one commit for all
+    assert commits[-1].files["model.safetensors"].lfs
+    assert any(line.startswith("PUT /lfs-upload/") for line in hub.state.log)
+    assert "POST /lfs-verify" in hub.state.log
+
+    card = ModelCard.load("org/first")
+    assert card.data.base_model == "org/tiny-llama" and "pruned" in card.data.tags
+    assert card.data.eval_results[0].metric_value == 99.5
+    assert 'from_pretrained("org/first")' in card.text
+    reloaded = AutoModelForCausalLM.from_pretrained("org/first", cache_dir=tmp_path / "dl").eval()
+    assert torch.equal(
+        _logits(reloaded, pruned.tokenizer, corpus_text), _logits(pruned.model, pruned.tokenizer, corpus_text)
+    )
+    _assert_token_nowhere(tmp_path, hub, caplog, capsys)
+
+
+def test_push_to_an_existing_repo_answers_409_on_create_and_replaces_stale_shards(hub, pruned, tmp_path):
+    pruned.push_to_hub("org/existing", token=TOKEN, max_shard_size="40KB")
+    assert "model.safetensors.index.json" in hub.state.files("org/existing")
+    pruned.push_to_hub("org/existing", token=TOKEN, commit_message="single file now")
+    assert ("POST", "/api/repos/create", 409) in hub.state.responses
+    commits = hub.state.commits("org/existing")
+    assert len(commits) == 3 and commits[-1].message == "single file now"
+    files = hub.state.files("org/existing")
+    assert "model.safetensors" in files
+    assert not [name for name in files if name.startswith("model-0") or name.endswith(".index.json")]
+
+
+def test_push_to_a_new_branch(hub, pruned):
+    pruned.push_to_hub("org/branched", token=TOKEN, revision="sparse-50")
+    assert "model.safetensors" in hub.state.files("org/branched", "sparse-50")
+    assert "model.safetensors" not in hub.state.files("org/branched", "main")
+
+
+def test_commit_answering_500_commits_nothing_and_a_retry_succeeds(hub, pruned):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    pruned.push_to_hub("org/flaky", token=TOKEN)
+    before = hub.state.commits("org/flaky")
+    hub.state.fail_next("POST", r"^/api/models/org/flaky/commit/", 500)
+    with pytest.raises(HfHubHTTPError, match="500"):
+        pruned.push_to_hub("org/flaky", token=TOKEN, max_shard_size="40KB")
+    assert hub.state.commits("org/flaky") == before  # nothing half-committed
+    pruned.push_to_hub("org/flaky", token=TOKEN, max_shard_size="40KB")
+    assert "model.safetensors.index.json" in hub.state.files("org/flaky")
+
+
+def test_transient_500_on_preupload_is_retried(hub, pruned):
+    hub.state.fail_next("POST", r"^/api/models/org/retried/preupload/", 500)
+    pruned.push_to_hub("org/retried", token=TOKEN)
+    assert ("POST", "/api/models/org/retried/preupload/main", 500) in hub.state.responses
+    assert "model.safetensors" in hub.state.files("org/retried")
+
+
+def test_401_gives_a_clear_error_without_the_token(hub, pruned, tmp_path, caplog, capsys):
+    wrong = TOKEN[::-1]
+    with pytest.raises(PermissionError, match="HTTP 401") as excinfo:
+        pruned.push_to_hub("org/denied", token=wrong)
+    message = "".join(str(e) for e in (excinfo.value, excinfo.value.__cause__, excinfo.value.__context__) if e)
+    assert wrong not in message and "org/denied" not in hub.state.repos
+    _assert_token_nowhere(tmp_path, hub, caplog, capsys, message, wrong)
+
+
+def test_bad_push_arguments_fail_before_any_request(hub, pruned):
+    requests = len(hub.state.log)
+    with pytest.raises(ValueError, match="repo_id='not a repo'"):
+        pruned.push_to_hub("not a repo", token=TOKEN)
+    with pytest.raises(ValueError, match="private='yes'"):
+        pruned.push_to_hub("org/x", private="yes", token=TOKEN)
+    assert len(hub.state.log) == requests
