@@ -195,3 +195,27 @@ def test_add_bos_without_bos_token(model, tokenizer):
     no_bos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     with pytest.raises(ValueError, match="add_bos"):
         perplexity(model, no_bos, LINES, sequence_length=16, add_bos=True)
+
+
+def test_perplexity_of_a_disk_offloaded_model_equals_in_memory(tmp_path, tokenizer, corpus_text):
+    """Models larger than the device are evaluated block by block through accelerate's offload hooks."""
+    from accelerate import dispatch_model
+    from conftest import build_tiny_model
+
+    from optimum_admm.evaluation import perplexity
+
+    model = build_tiny_model("llama")
+    expected = perplexity(model, tokenizer, [corpus_text], sequence_length=64, max_tokens=512)
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.layers.0": "disk",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    offloaded = dispatch_model(build_tiny_model("llama"), device_map=device_map, offload_dir=str(tmp_path))
+    assert offloaded.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    result = perplexity(offloaded, tokenizer, [corpus_text], sequence_length=64, max_tokens=512)
+    assert result.num_tokens == expected.num_tokens
+    assert abs(result.perplexity - expected.perplexity) < 1e-4 * expected.perplexity
