@@ -142,6 +142,25 @@ def _gpt_neox():
     )
 
 
+def _gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=256,
+            sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        )
+    )
+
+
 TINY_MODELS = {
     "llama": _llama,
     "mistral-gqa": _mistral,
@@ -149,6 +168,7 @@ TINY_MODELS = {
     "opt": _opt,
     "gpt2": _gpt2,
     "gpt-neox": _gpt_neox,
+    "gemma3-sliding": _gemma3,
 }
 
 

@@ -28,6 +28,10 @@ def logits(model, tokenizer, text):
         return model(input_ids=ids).logits
 
 
+def hook_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+
 def no_hooks(model: nn.Module) -> bool:
     return all(
         not m._forward_hooks and not m._forward_pre_hooks and not getattr(m, "_forward_hooks_with_kwargs", {})
@@ -224,3 +228,21 @@ def test_trust_remote_code_is_off_by_default(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stop here"):
         ADMMPruner.from_pretrained(tmp_path)
     assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
+
+
+def test_block_inputs_replay_the_model_exactly(tiny_model_name, tokenizer, corpus_text):
+    """Captured per-block arguments (masks, rotary tables, positions) reproduce the model's own hidden states,
+    including models whose blocks get different arguments (Gemma 3: sliding-window and global layers)."""
+    from optimum_admm.sequential import _capture_inputs, _run_block
+
+    model = build_tiny_model(tiny_model_name)
+    ids = tokenizer(corpus_text[:2000], return_tensors="pt")["input_ids"][:, :64].reshape(2, 32)
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states
+        hooks_before = hook_counts(model)  # transformers keeps its own output-capturing hooks
+        _, blocks = find_decoder_blocks(model)
+        inputs = _capture_inputs(model, blocks, list(ids.split(1)), torch.device("cpu"))
+        for index in range(len(blocks)):
+            torch.testing.assert_close(torch.cat(inputs.hidden), expected[index], rtol=1e-5, atol=1e-5)
+            inputs.hidden = list(_run_block(blocks[index], inputs, index, torch.device("cpu"), torch.device("cpu")))
+    assert hook_counts(model) == hooks_before
