@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mask-structure", default="unstructured", help="'unstructured' or 'N:M' such as 2:4")
     parser.add_argument("--schedule", default="cubic", choices=["cubic", "constant"])
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
-    parser.add_argument("--sequence-length", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--sequence-length", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--calibration", default="corpus", help="'corpus', 'wikitext2', 'c4' or a text file")
     parser.add_argument("--eval", default="corpus", help="'corpus' (held-out speeches), 'wikitext2', 'c4' or a file")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens of evaluation text")
