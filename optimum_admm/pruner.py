@@ -145,6 +145,8 @@ class ADMMPruner(OptimumQuantizer):
         text_column: str = "text",
         overwrite: bool = False,
         show_progress: bool = True,
+        max_memory: int | str | dict[int | str, int | str] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> PruningReport:
         """Prune the model in place and return the per-layer report.
 
@@ -156,9 +158,15 @@ class ADMMPruner(OptimumQuantizer):
             text_column: the text column of a ``datasets.Dataset``.
             overwrite: allow ``save_dir`` to be an existing non-empty directory.
             show_progress: show a progress bar over the decoder blocks.
+            max_memory: budget for the calibration activations kept on CPU between blocks (bytes, ``"8GiB"`` or
+                accelerate's ``{"cpu": "8GiB"}``); the expected size is logged, and a budget that cannot hold it is
+                refused with the numbers before any forward.
+            checkpoint_dir: record every finished block there; re-running the same command after an interruption
+                continues from the next block (a different recipe, model or calibration set is refused).
 
         Example:
             >>> report = pruner.prune(calibration_dataset=["some text", "more text"])  # doctest: +SKIP
+            >>> report = pruner.prune("wikitext2", checkpoint_dir="ckpt", max_memory="8GiB")  # doctest: +SKIP
         """
         config = self.config
         if save_dir is not None:
@@ -189,7 +197,14 @@ class ADMMPruner(OptimumQuantizer):
                 "sequence_length": int(ids.shape[1]),
                 "seed": config.seed,
             }
-        report = prune_model(self.model, config, batches, show_progress=show_progress)
+        report = prune_model(
+            self.model,
+            config,
+            batches,
+            show_progress=show_progress,
+            max_memory=max_memory,
+            checkpoint_dir=checkpoint_dir,
+        )
         report.calibration = calibration
         self.report = report
         logger.info("pruned: sparsity %.4f over %d layers", report.sparsity, len(report.layers))

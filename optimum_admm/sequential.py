@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import resume
 from .configuration import PruningConfig
+from .memory import MaxMemory, check_activation_budget
 from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
+from .offload import onloaded
 from .registry import get_method
 from .reporting import LayerReport, PruningReport
 from .stats import GramAccumulator, relative_reconstruction_error
@@ -207,14 +211,65 @@ def _prune_layer(name: str, module: nn.Module, gram: torch.Tensor | None, config
     return LayerReport(name, tuple(dense.shape), sparsity, error, seconds)
 
 
+def _prune_block(model, block, layers, inputs, index, config, method, report, timings, unpruned) -> None:
+    """Calibrate, prune and (when there are inputs) propagate one block; offloaded weights are written back."""
+    device = execution_device(block)
+    if inputs is None:
+        for name in layers:
+            with onloaded(model, name) as module:
+                report.layers.append(_prune_layer(name, module, None, config, method))
+        return
+    groups = _share_groups(block, layers, inputs, index, device)
+    stages = groups if config.true_sequential else [[n for g in groups for n in g]]
+    for stage in stages:
+        stage_groups = [g for g in groups if g[0] in stage]
+        grams = _accumulate_grams(block, layers, stage_groups, inputs, index, device, timings)
+        for name in stage:
+            accumulator = grams[name]
+            if accumulator.num_tokens == 0:
+                unpruned.append(name)
+                continue
+            with onloaded(model, name) as module:
+                row = _prune_layer(name, module, accumulator.gram, config, method)
+            row.num_tokens = accumulator.num_tokens
+            report.layers.append(row)
+            timings["solve"] += row.seconds
+        del grams
+    start = time.perf_counter()
+    inputs.hidden = list(_run_block(block, inputs, index, device, inputs.hidden[0].device))
+    timings["forward"] += time.perf_counter() - start
+
+
+def _pruned_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in layers:
+        with onloaded(model, name, write_back=False) as module:
+            tensors[f"{name}.weight"] = module.weight.detach().to("cpu", copy=True)
+    return tensors
+
+
+def _restore_blocks(model: nn.Module, checkpoint_dir, layers_per_block, next_block: int) -> None:
+    for index in range(next_block):
+        saved = resume.load_block(checkpoint_dir, index)
+        for name in layers_per_block[index]:
+            with onloaded(model, name) as module:
+                module.weight.data.copy_(saved[f"{name}.weight"].to(module.weight.device))
+
+
 def prune_model(
     model: nn.Module,
     config: PruningConfig,
     calibration_batches: list[torch.Tensor] | None,
     storage_device: torch.device | str = "cpu",
     show_progress: bool = True,
+    *,
+    max_memory: MaxMemory | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> PruningReport:
     """Prune ``model`` in place, block by block, with the method registered for ``config``.
+
+    Offloaded blocks of a model dispatched by accelerate (CPU or disk offload) are pruned through their hooks' weights
+    map, so later forwards see the pruned weights.
 
     Args:
         model: a causal LM (``PreTrainedModel``) on any device, or spread by an accelerate device map.
@@ -222,9 +277,16 @@ def prune_model(
         calibration_batches: ``(batch, sequence_length)`` token-id tensors; ``None`` for methods that need none.
         storage_device: where block inputs wait between blocks (``"cpu"`` keeps them off the accelerator).
         show_progress: show a tqdm bar over the blocks.
+        max_memory: budget for the calibration activations on ``storage_device`` (bytes, ``"8GiB"`` or accelerate's
+            ``{device: size}`` dict); refused with the numbers before any forward when too small.
+        checkpoint_dir: record each finished block there and, when it already holds a run of the same recipe, model
+            and data, continue from the next block (see :mod:`optimum_admm.resume`).
 
     Returns:
         The :class:`~optimum_admm.reporting.PruningReport`.
+
+    Example:
+        >>> report = prune_model(model, ADMMConfig(), batches, checkpoint_dir="ckpt")  # doctest: +SKIP
     """
     started = time.perf_counter()
     blocks_name, blocks = find_decoder_blocks(model)
@@ -235,6 +297,14 @@ def prune_model(
     storage = torch.device(storage_device)
     timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
     report = PruningReport(method=config.method, config=config.to_dict())
+    if config.needs_calibration and calibration_batches:
+        num_samples = sum(int(b.shape[0]) for b in calibration_batches)
+        check_activation_budget(model, num_samples, int(calibration_batches[0].shape[1]), max_memory, storage)
+    state = None
+    if checkpoint_dir is not None:
+        current = resume.fingerprint(model, report.config, calibration_batches)
+        state = resume.load_state(checkpoint_dir, current) or resume.CheckpointState(current, 0)
+    first = 0 if state is None else state.next_block
     unpruned: list[str] = []
     was_training = model.training
     model.eval()
@@ -245,38 +315,28 @@ def prune_model(
                 if not calibration_batches:
                     raise ValueError(f"method {config.method!r} needs calibration_batches; got none")
                 start = time.perf_counter()
-                inputs = _capture_inputs(model, blocks, calibration_batches, storage)
+                capture = calibration_batches if first == 0 else calibration_batches[:1]
+                inputs = _capture_inputs(model, blocks, capture, storage)
                 timings["forward"] += time.perf_counter() - start
-            bar = tqdm(range(len(blocks)), desc=f"Pruning ({config.method})", unit="block", disable=not show_progress)
+            if first:
+                _restore_blocks(model, checkpoint_dir, layers_per_block, first)
+                report.layers = list(state.layers)
+                if inputs is not None and first < len(blocks):
+                    inputs.hidden = [h.to(storage) for h in resume.load_inputs(checkpoint_dir, first)]
+            bar = tqdm(
+                range(first, len(blocks)), desc=f"Pruning ({config.method})", unit="block", disable=not show_progress
+            )
             for index in bar:
-                block, layers = blocks[index], layers_per_block[index]
-                device = execution_device(block)
-                if inputs is None:
-                    for name, module in layers.items():
-                        report.layers.append(_prune_layer(name, module, None, config, method))
-                    continue
-                groups = _share_groups(block, layers, inputs, index, device)
-                stages = groups if config.true_sequential else [[n for g in groups for n in g]]
-                for stage in stages:
-                    stage_groups = [g for g in groups if g[0] in stage]
-                    grams = _accumulate_grams(block, layers, stage_groups, inputs, index, device, timings)
-                    for name in stage:
-                        accumulator = grams[name]
-                        if accumulator.num_tokens == 0:
-                            unpruned.append(name)
-                            continue
-                        row = _prune_layer(name, layers[name], accumulator.gram, config, method)
-                        row.num_tokens = accumulator.num_tokens
-                        report.layers.append(row)
-                        timings["solve"] += row.seconds
-                    del grams
-                start = time.perf_counter()
-                inputs.hidden = list(_run_block(block, inputs, index, device, storage))
-                timings["forward"] += time.perf_counter() - start
+                layers = layers_per_block[index]
+                _prune_block(model, blocks[index], layers, inputs, index, config, method, report, timings, unpruned)
                 errors = [r.relative_error for r in report.layers[-len(layers) :] if r.relative_error is not None]
                 if errors:
                     bar.set_postfix(mean_rel_error=f"{sum(errors) / len(errors):.2e}")
                     logger.info("block %d: mean relative error %.3e", index, sum(errors) / len(errors))
+                if state is not None and not unpruned:
+                    state.layers = report.layers
+                    hidden = inputs.hidden if inputs is not None and index + 1 < len(blocks) else None
+                    resume.save_block(checkpoint_dir, index, _pruned_tensors(model, layers), hidden, state)
     finally:
         model.train(was_training)
     if unpruned:

@@ -1,0 +1,131 @@
+"""How much memory the calibration activations need, stated before any work, and a budget check.
+
+Between blocks the driver keeps every calibration sample's hidden states on the storage device (CPU by default);
+while a block propagates, its inputs and its outputs exist at once, so the peak is two copies:
+``2 * num_samples * sequence_length * hidden_size * bytes_per_element``. ``num_samples`` and ``sequence_length``
+bound it; the model's maximum context does not enter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["activation_bytes", "check_activation_budget", "format_bytes", "hidden_size_of"]
+
+logger = logging.getLogger(__name__)
+
+MaxMemory = int | str | Mapping[int | str, int | str]
+
+
+def format_bytes(num_bytes: float) -> str:
+    """A human-readable size in binary units.
+
+    Example:
+        >>> format_bytes(3 * 2**30)
+        '3.00 GiB'
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num_bytes) < 1024 or unit == "GiB":
+            return f"{num_bytes:.2f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def activation_bytes(num_samples: int, sequence_length: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Peak bytes of block inputs plus outputs for the whole calibration set.
+
+    Example:
+        >>> activation_bytes(128, 2048, 4096, torch.float16) / 2**30
+        4.0
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_samples * sequence_length * hidden_size * itemsize
+
+
+def hidden_size_of(model: nn.Module) -> tuple[int, torch.dtype]:
+    """The hidden width the decoder blocks pass on, and the dtype of the hidden states (works on meta models).
+
+    Example:
+        >>> from torch import nn
+        >>> hidden_size_of(nn.Embedding(10, 8))
+        (8, torch.float32)
+    """
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(hidden, int):
+        hidden = getattr(embeddings, "embedding_dim", None)
+    if not isinstance(hidden, int):
+        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: no config.hidden_size")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return hidden, dtype
+
+
+def _budget_for(max_memory: MaxMemory, storage: torch.device) -> int | None:
+    from accelerate.utils import convert_file_size_to_int
+
+    allowed = "bytes (int), a size such as '2GiB', or accelerate's {device: size} dict, e.g. {'cpu': '8GiB'}"
+    if isinstance(max_memory, Mapping):
+        keys = [str(storage), storage.type] + ([storage.index] if storage.index is not None else [])
+        value = next((max_memory[k] for k in keys if k in max_memory), None)
+        if value is None:
+            return None
+    else:
+        value = max_memory
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"max_memory={max_memory!r} is invalid; allowed: {allowed}")
+    try:
+        budget = convert_file_size_to_int(value)
+    except ValueError:
+        raise ValueError(f"max_memory={max_memory!r} is invalid; allowed: {allowed}") from None
+    if budget <= 0:
+        raise ValueError(f"max_memory={max_memory!r} is invalid; allowed: {allowed}")
+    return budget
+
+
+def check_activation_budget(
+    model: nn.Module,
+    num_samples: int,
+    sequence_length: int,
+    max_memory: MaxMemory | None,
+    storage_device: torch.device | str = "cpu",
+) -> int:
+    """Log the calibration activation memory and refuse a ``max_memory`` budget that cannot hold it.
+
+    Returns:
+        The expected peak activation bytes on ``storage_device``.
+
+    Raises:
+        ValueError: when ``max_memory`` (for ``storage_device``) is smaller than the activations, with the numbers.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=4, vocab_size=64))
+        >>> check_activation_budget(model, 16, 128, max_memory="1MiB")
+        262144
+    """
+    storage = torch.device(storage_device)
+    hidden, dtype = hidden_size_of(model)
+    needed = activation_bytes(num_samples, sequence_length, hidden, dtype)
+    logger.info(
+        "calibration activations: %s on %s (2 x %d samples x %d tokens x hidden %d x %s)",
+        format_bytes(needed),
+        storage,
+        num_samples,
+        sequence_length,
+        hidden,
+        dtype,
+    )
+    budget = None if max_memory is None else _budget_for(max_memory, storage)
+    if budget is not None and needed > budget:
+        raise ValueError(
+            f"max_memory={max_memory!r} gives {format_bytes(budget)} on {storage}, but the calibration activations "
+            f"need {format_bytes(needed)} (2 x num_samples={num_samples} x sequence_length={sequence_length} x "
+            f"hidden_size={hidden} x {dtype}); lower num_samples or sequence_length, or raise max_memory"
+        )
+    return needed

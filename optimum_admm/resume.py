@@ -1,0 +1,171 @@
+"""Checkpoints between blocks, so an interrupted prune continues from the next block.
+
+After block ``k`` the driver records, in ``checkpoint_dir``:
+
+- ``block-{k:05d}.safetensors``: the pruned weights of block ``k``'s targeted layers;
+- ``inputs-{k+1:05d}.safetensors``: the hidden states block ``k + 1`` receives (one tensor per calibration batch);
+- ``state.json``: the fingerprint of the run (recipe, model, calibration data), the next block and the report rows.
+
+Every file is written beside its target and renamed into place (``os.replace``), and ``state.json`` is written last,
+so a process killed at any point leaves either the previous or the new state, never a mix. A checkpoint written for
+another recipe, model or calibration set is refused with the fields that differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .reporting import LayerReport
+from .version import __version__
+
+__all__ = ["CheckpointState", "fingerprint", "load_state", "save_block", "load_block", "load_inputs"]
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "state.json"
+
+
+@dataclass
+class CheckpointState:
+    """What a checkpoint directory says about an interrupted run.
+
+    Example:
+        >>> CheckpointState(fingerprint={"config": {}}, next_block=2).next_block
+        2
+    """
+
+    fingerprint: dict[str, Any]
+    next_block: int
+    layers: list[LayerReport] = field(default_factory=list)
+
+
+def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def fingerprint(model: nn.Module, config_dict: dict[str, Any], batches: list[torch.Tensor] | None) -> dict[str, Any]:
+    """Identify a run: the recipe, the model (architecture, tensor names/shapes, embedding values) and the data.
+
+    Only the input embedding's values are hashed (they are in memory even when blocks are offloaded or streamed and
+    are never pruned); the other tensors enter by name, shape and dtype.
+
+    Example:
+        >>> from torch import nn
+        >>> sorted(fingerprint(nn.Linear(2, 2), {"sparsity": 0.5}, None))
+        ['calibration', 'config', 'model']
+    """
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and embeddings.weight.device.type != "meta":
+        _hash_tensor(digest, embeddings.weight)
+    data = hashlib.sha256()
+    for batch in batches or []:
+        _hash_tensor(data, batch)
+    config = {k: v for k, v in config_dict.items() if k != "optimum_admm_version"}
+    return {"config": config, "model": digest.hexdigest()[:16], "calibration": data.hexdigest()[:16]}
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key == "config":
+            old, new = saved.get(key, {}), current.get(key, {})
+            diffs += [
+                f"config.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
+        elif saved.get(key) != current.get(key):
+            diffs.append(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}")
+    return diffs
+
+
+def load_state(checkpoint_dir: str | os.PathLike, current: dict[str, Any]) -> CheckpointState | None:
+    """The state of an interrupted run in ``checkpoint_dir``, or ``None`` when it holds none.
+
+    Raises:
+        ValueError: when the checkpoint was written for another recipe, model or calibration set (listing each
+            difference), or by a newer layout.
+    """
+    path = Path(checkpoint_dir) / STATE_NAME
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
+    diffs = _differences(saved["fingerprint"], current)
+    if diffs:
+        raise ValueError(
+            f"checkpoint_dir={str(checkpoint_dir)!r} holds a run with a different recipe, model or calibration set; "
+            f"refusing to resume. Differences (saved -> now): {'; '.join(diffs)}. Use another checkpoint_dir or "
+            "delete this one to start over"
+        )
+    layers = [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in saved["layers"]]
+    logger.info("resuming from %s at block %d", checkpoint_dir, saved["next_block"])
+    return CheckpointState(fingerprint=saved["fingerprint"], next_block=saved["next_block"], layers=layers)
+
+
+def save_block(
+    checkpoint_dir: str | os.PathLike,
+    index: int,
+    tensors: dict[str, torch.Tensor],
+    next_inputs: list[torch.Tensor] | None,
+    state: CheckpointState,
+) -> None:
+    """Record block ``index`` as done: its pruned tensors, the next block's inputs, then ``state.json``."""
+    from safetensors.torch import save_file
+
+    directory = Path(checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    _atomic_write(directory / f"block-{index:05d}.safetensors", lambda p: save_file(cpu, str(p)))
+    if next_inputs is not None:
+        hidden = {f"hidden.{j}": t.detach().to("cpu").contiguous() for j, t in enumerate(next_inputs)}
+        _atomic_write(directory / f"inputs-{index + 1:05d}.safetensors", lambda p: save_file(hidden, str(p)))
+    payload = {
+        "format": 1,
+        "optimum_admm_version": __version__,
+        "fingerprint": state.fingerprint,
+        "next_block": index + 1,
+        "layers": [dataclasses.asdict(row) for row in state.layers],
+    }
+    _atomic_write(directory / STATE_NAME, lambda p: p.write_text(json.dumps(payload, indent=1)))
+    stale = directory / f"inputs-{index:05d}.safetensors"
+    if stale.exists():
+        stale.unlink()
+
+
+def load_block(checkpoint_dir: str | os.PathLike, index: int) -> dict[str, torch.Tensor]:
+    """The pruned tensors recorded for block ``index``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(checkpoint_dir) / f"block-{index:05d}.safetensors"))
+
+
+def load_inputs(checkpoint_dir: str | os.PathLike, index: int) -> list[torch.Tensor]:
+    """The hidden states recorded as block ``index``'s inputs, in batch order."""
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(Path(checkpoint_dir) / f"inputs-{index:05d}.safetensors"))
+    return [loaded[f"hidden.{j}"] for j in range(len(loaded))]

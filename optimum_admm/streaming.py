@@ -1,0 +1,307 @@
+"""Streaming mode: prune a safetensors checkpoint directory without ever holding the whole model in memory.
+
+The model is built as a skeleton on the ``meta`` device (``accelerate.init_empty_weights``); only the modules outside
+the decoder blocks (embeddings, final norm, head) are loaded. Then, for each block in order, its tensors are read
+from the source shards with safetensors' lazy ``safe_open`` and placed with accelerate's
+``set_module_tensor_to_device`` on the execution device; the block is calibrated, pruned and propagated by the same
+code as the in-memory driver (so the result is bitwise identical), written to its own output shard and returned to
+``meta``. Peak memory is one block + the non-block modules + the calibration activations + the Gram statistics.
+
+The output directory (one shard per block plus one for the rest, an index, the config, tokenizer files and
+``pruning_config.json``) is written beside ``save_dir`` and renamed into place when complete; the source is only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationSource, describe_source, get_calibration_data
+from .configuration import PruningConfig
+from .export import PRUNING_CONFIG_NAME, check_save_dir, pruning_metadata
+from .memory import MaxMemory, check_activation_budget
+from .modeling import find_decoder_blocks, find_prunable_layers
+from .registry import get_method
+from .reporting import PruningReport
+from .sequential import _capture_inputs, _prune_block
+
+__all__ = ["StreamingResult", "prune_checkpoint", "checkpoint_weight_map"]
+
+logger = logging.getLogger(__name__)
+
+_INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class StreamingResult:
+    """What :func:`prune_checkpoint` did, with the time split between reading, computing and writing.
+
+    Example:
+        >>> StreamingResult(report=None, save_dir=Path("out")).load_seconds
+        0.0
+    """
+
+    report: PruningReport | None
+    save_dir: Path
+    load_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    shards: list[str] = field(default_factory=list)
+
+
+def checkpoint_weight_map(source: str | os.PathLike) -> dict[str, str]:
+    """``{tensor name: shard file name}`` of a safetensors checkpoint directory (sharded or single file).
+
+    Example:
+        >>> checkpoint_weight_map("path/to/model")  # doctest: +SKIP
+        {'model.embed_tokens.weight': 'model-00001-of-00002.safetensors', ...}
+    """
+    from safetensors import safe_open
+
+    directory = Path(source)
+    if (directory / _INDEX).is_file():
+        return dict(json.loads((directory / _INDEX).read_text())["weight_map"])
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise ValueError(
+            f"source={str(source)!r} is invalid; allowed: a directory with model.safetensors or {_INDEX} "
+            "(streaming mode reads safetensors only)"
+        )
+    with safe_open(str(single), framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), single.name)
+
+
+def _load_tensors(model: nn.Module, source: Path, weight_map: dict[str, str], names: list[str], device) -> float:
+    """Read ``names`` from the shards onto ``device`` into the skeleton; returns the seconds spent."""
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    start = time.perf_counter()
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(weight_map[name], []).append(name)
+    for file, keys in by_file.items():
+        with safe_open(str(source / file), framework="pt", device=str(device)) as handle:
+            for key in keys:
+                set_module_tensor_to_device(model, key, device, value=handle.get_tensor(key))
+    return time.perf_counter() - start
+
+
+def _free(model: nn.Module, names: list[str]) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in names:
+        set_module_tensor_to_device(model, name, "meta")
+
+
+def _write_shard(model: nn.Module, names: list[str], path: Path) -> float:
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    state = model.state_dict()
+    save_file({n: state[n].detach().to("cpu").contiguous() for n in names}, str(path), metadata={"format": "pt"})
+    return time.perf_counter() - start
+
+
+def _skeleton(source: Path, weight_map: dict[str, str]) -> nn.Module:
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    first = next(iter(weight_map))
+    with safe_open(str(source / weight_map[first]), framework="pt") as handle:
+        dtype = handle.get_slice(first).get_dtype()
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
+    unknown = sorted(set(weight_map) - set(model.state_dict()))
+    if unknown:
+        raise ValueError(f"source={str(source)!r} holds tensors the model does not name: {unknown[:5]}")
+    return model.eval()
+
+
+def _sequence_length(model: nn.Module, requested: int) -> int:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(requested, limit) if isinstance(limit, int) and limit > 0 else requested
+
+
+def prune_checkpoint(
+    source: str | os.PathLike,
+    save_dir: str | os.PathLike,
+    config: PruningConfig,
+    calibration_dataset: CalibrationSource | None = None,
+    tokenizer: Any = None,
+    *,
+    execution_device: torch.device | str = "cpu",
+    storage_device: torch.device | str = "cpu",
+    max_memory: MaxMemory | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> StreamingResult:
+    """Prune the checkpoint in ``source`` block by block into ``save_dir``, holding one block at a time.
+
+    Args:
+        source: a local directory with safetensors weights (sharded or not) and ``config.json``; only read.
+        save_dir: the output directory (loads with ``AutoModelForCausalLM.from_pretrained``).
+        config: the pruning recipe.
+        calibration_dataset: as for :meth:`ADMMPruner.prune`; not needed by methods that use no calibration data.
+        tokenizer: tokenizer for text calibration data (default: loaded from ``source``).
+        execution_device: where each block is loaded and computed.
+        storage_device: where the calibration activations wait between blocks.
+        max_memory: activation budget on ``storage_device`` (see :func:`optimum_admm.memory.check_activation_budget`).
+        overwrite: replace a non-empty ``save_dir``.
+        show_progress: show a tqdm bar over the blocks.
+
+    Example:
+        >>> from optimum_admm import ADMMConfig
+        >>> result = prune_checkpoint("llama-7b", "llama-7b-admm", ADMMConfig(), "wikitext2",  # doctest: +SKIP
+        ...     execution_device="cuda:0")
+        >>> result.load_seconds, result.compute_seconds, result.write_seconds  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    source, target = Path(source), check_save_dir(save_dir, overwrite)
+    weight_map = checkpoint_weight_map(source)
+    device, storage = torch.device(execution_device), torch.device(storage_device)
+    method = get_method(config)
+    model = _skeleton(source, weight_map)
+    blocks_name, blocks = find_decoder_blocks(model)
+    layers_per_block = find_prunable_layers(
+        model, config.targets, config.ignore, blocks, blocks_name, default_targets=type(config)().targets
+    )
+    block_keys = [sorted(k for k in weight_map if k.startswith(f"{blocks_name}.{i}.")) for i in range(len(blocks))]
+    other_keys = sorted(set(weight_map) - {k for keys in block_keys for k in keys})
+    batches, calibration = None, {}
+    if config.needs_calibration:
+        if calibration_dataset is None:
+            raise ValueError(f"calibration_dataset=None is invalid for method {config.method!r}")
+        if tokenizer is None and not isinstance(calibration_dataset, torch.Tensor):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        length = _sequence_length(model, config.sequence_length)
+        ids = get_calibration_data(calibration_dataset, tokenizer, config.num_samples, length, seed=config.seed)
+        check_activation_budget(model, int(ids.shape[0]), int(ids.shape[1]), max_memory, storage)
+        batches = list(ids.split(1))
+        calibration = {"dataset": describe_source(calibration_dataset), "num_samples": int(ids.shape[0])}
+        calibration.update({"sequence_length": int(ids.shape[1]), "seed": config.seed})
+
+    result = StreamingResult(report=None, save_dir=target)
+    report = PruningReport(method=config.method, config=config.to_dict(), calibration=calibration)
+    timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    total = len(blocks) + 1
+    try:
+        result.load_seconds += _load_tensors(model, source, weight_map, other_keys, device)
+        model.tie_weights()
+        unpruned: list[str] = []
+        with torch.no_grad():
+            inputs = None
+            if batches is not None:
+                start = time.perf_counter()
+                inputs = _capture_with_streamed_blocks(
+                    model, blocks, block_keys, batches, source, weight_map, device, storage, result
+                )
+                result.compute_seconds += time.perf_counter() - start
+            bar = tqdm(
+                range(len(blocks)), desc=f"Streaming ({config.method})", unit="block", disable=not show_progress
+            )
+            for index in bar:
+                result.load_seconds += _load_tensors(model, source, weight_map, block_keys[index], device)
+                start = time.perf_counter()
+                _prune_block(
+                    model,
+                    blocks[index],
+                    layers_per_block[index],
+                    inputs,
+                    index,
+                    config,
+                    method,
+                    report,
+                    timings,
+                    unpruned,
+                )
+                result.compute_seconds += time.perf_counter() - start
+                shard = f"model-{index + 2:05d}-of-{total:05d}.safetensors"
+                result.write_seconds += _write_shard(model, block_keys[index], tmp / shard)
+                result.shards.append(shard)
+                _free(model, block_keys[index])
+        if unpruned:
+            raise RuntimeError(f"{len(unpruned)} targeted layers received no calibration input: {unpruned[:5]}")
+        result.write_seconds += _write_rest(model, source, tmp, other_keys, block_keys, result, total, config, report)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.forward_seconds = timings["forward"] - timings["statistics"]
+    report.statistics_seconds, report.solve_seconds = timings["statistics"], timings["solve"]
+    report.total_seconds = time.perf_counter() - started
+    result.report = report
+    logger.info(
+        "streamed %d blocks: load %.1fs, compute %.1fs, write %.1fs",
+        len(blocks),
+        result.load_seconds,
+        result.compute_seconds,
+        result.write_seconds,
+    )
+    return result
+
+
+def _capture_with_streamed_blocks(model, blocks, block_keys, batches, source, weight_map, device, storage, result):
+    """The driver's input capture, with each block loaded just before its forward and freed just after."""
+
+    def load(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if all(p.device.type != "meta" for p in module.parameters()):
+                return  # still loaded: the capture stopped this block's forward on an earlier batch
+            result.load_seconds += _load_tensors(model, source, weight_map, block_keys[index], device)
+
+        return hook
+
+    def free(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            _free(model, block_keys[index])
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(load(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(free(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        return _capture_inputs(model, blocks, batches, storage)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for keys in block_keys:  # a block whose forward was stopped by the capture hook
+            with contextlib.suppress(Exception):
+                _free(model, keys)
+
+
+def _write_rest(model, source, tmp, other_keys, block_keys, result, total, config, report) -> float:
+    """The non-block shard, the index, config/tokenizer files and ``pruning_config.json``."""
+    first = f"model-00001-of-{total:05d}.safetensors"
+    seconds = _write_shard(model, other_keys, tmp / first)
+    weight_map = dict.fromkeys(other_keys, first)
+    for shard, keys in zip(result.shards, block_keys, strict=True):
+        weight_map.update(dict.fromkeys(keys, shard))
+    size = sum((tmp / f).stat().st_size for f in [first, *result.shards])
+    (tmp / _INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and path.name != _INDEX:
+            shutil.copy2(path, tmp / path.name)
+    metadata = pruning_metadata(config, report)
+    (tmp / PRUNING_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+    return seconds
