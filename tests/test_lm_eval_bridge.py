@@ -42,10 +42,14 @@ def task_dir(tmp_path):
 def test_local_task_on_an_in_memory_model(task_dir, tokenizer, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model = build_tiny_model("llama")
-    scores = evaluate_tasks(model, tokenizer, ["optimum_admm_tiny_choice"], include_path=task_dir, include_defaults=False)
+    scores = evaluate_tasks(
+        model, tokenizer, ["optimum_admm_tiny_choice"], include_path=task_dir, include_defaults=False
+    )
     accuracy = scores["optimum_admm_tiny_choice"]["acc,none"]
     assert accuracy in {i / len(QUESTIONS) for i in range(len(QUESTIONS) + 1)}
-    again = evaluate_tasks(model, tokenizer, ["optimum_admm_tiny_choice"], include_path=task_dir, include_defaults=False)
+    again = evaluate_tasks(
+        model, tokenizer, ["optimum_admm_tiny_choice"], include_path=task_dir, include_defaults=False
+    )
     assert again == scores
 
 
