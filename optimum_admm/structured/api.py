@@ -100,6 +100,14 @@ def shear(
 
     Returns:
         The sliced model (standard config with the target values), the gates and the logged shape history.
+
+    Example:
+        >>> config = ShearingConfig(num_hidden_layers=24, hidden_size=384, num_attention_heads=6,
+        ...     num_key_value_heads=2, intermediate_size=1024)  # doctest: +SKIP
+        >>> data = pack_tokens(texts, tokenizer, sequence_length=512)  # doctest: +SKIP
+        >>> result = shear(model, config, data, max_steps=3200, output_dir="sheared")  # doctest: +SKIP
+        >>> result.model.config.num_hidden_layers  # doctest: +SKIP
+        24
     """
     from transformers import AutoModelForCausalLM, TrainingArguments
 

@@ -36,7 +36,18 @@ __all__ = ["block_influence", "norm_gates", "norm_scores", "random_gates"]
 
 
 def random_gates(plan: ShearingPlan, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Uniformly random structured masks at the plan's target counts (seeded)."""
+    """Uniformly random structured masks at the plan's target counts (seeded).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> from optimum_admm.structured import ShearingConfig
+        >>> source = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+        ...     num_key_value_heads=4)
+        >>> plan = ShearingConfig(num_hidden_layers=3, intermediate_size=64).plan(source)
+        >>> gates = random_gates(plan, seed=0)
+        >>> int((gates["layer"] > 0).sum()), int((gates["intermediate"][0] > 0).sum())
+        (3, 64)
+    """
     generator = torch.Generator().manual_seed(seed)
     scores = {name: torch.rand(shape, generator=generator) for name, shape in plan.gate_shapes().items()}
     return final_gates(scores, plan)
@@ -107,5 +118,14 @@ def norm_scores(
 
 
 def norm_gates(model: nn.Module, plan: ShearingPlan, input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Norm-based structured masks at the plan's target counts (ties broken towards the lower index)."""
+    """Norm-based structured masks at the plan's target counts (ties broken towards the lower index).
+
+    Heads by the squared norm of the weights they own, FFN channels by ``‖gate_j‖·‖up_j‖·‖down_:,j‖``, hidden
+    channels by the norms of every weight that reads or writes them, layers by block influence
+    ``1 - cos(h_in, h_out)`` on ``input_ids`` (all layers score alike without them).
+
+    Example:
+        >>> gates = norm_gates(model, config.plan(model.config), input_ids=calibration_ids)  # doctest: +SKIP
+        >>> small = prune_to_shape(model, gates)  # doctest: +SKIP
+    """
     return final_gates(norm_scores(model, plan, input_ids), plan)

@@ -95,7 +95,10 @@ class HardConcreteGates(nn.Module):
 
     Args:
         shapes: Gate shape per structure name, e.g. ``{"layer": (L,), "head": (L, U)}``.
-        temperature, limit_left, limit_right, epsilon: Hard-concrete constants.
+        temperature: Hard-concrete temperature beta.
+        limit_left: Stretch limit gamma (< 0).
+        limit_right: Stretch limit zeta (> 1).
+        epsilon: Uniform noise is drawn from ``U(epsilon, 1 - epsilon)``.
         init_log_alpha: Initial logit of every entry.
         log_alpha_range: ``(low, high)`` clamp applied in place before every use.
 

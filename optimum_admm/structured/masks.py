@@ -34,6 +34,10 @@ def topk_keep(scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
 
     Raises:
         ValueError: when ``n`` is not divisible by ``groups`` or ``k`` is out of range.
+
+    Example:
+        >>> topk_keep(torch.tensor([[0.3, 0.9, 0.1, 0.5]]), 1, groups=2).tolist()
+        [[False, True, False, True]]
     """
     n = scores.shape[-1]
     if n % groups:

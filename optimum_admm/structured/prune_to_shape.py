@@ -186,6 +186,12 @@ def prune_to_shape(model: nn.Module, gates: Any, *, untie_embeddings: bool | Non
     Raises:
         ValueError: when the gates keep different counts in different layers, or (tied embeddings, not untied)
             surviving hidden gates are not 1.
+
+    Example:
+        >>> trainer.train()  # a ShearingTrainer  # doctest: +SKIP
+        >>> trainer.shearing.detach()  # doctest: +SKIP
+        >>> small = prune_to_shape(model, trainer.shearing)  # doctest: +SKIP
+        >>> small.save_pretrained("sheared")  # doctest: +SKIP
     """
     values, policy_untie = _gate_values(gates)
     untie = policy_untie if untie_embeddings is None else untie_embeddings
