@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-length", type=int, default=256, help="context length of the perplexity windows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--text-file",
+        default=None,
+        help="use this text for calibration, training and evaluation instead of the reference corpus",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 is much faster on a busy shared machine)"
     )
     parser.add_argument("--output-dir", default="out/finetune-sparse", help="Trainer output directory")
@@ -65,11 +70,28 @@ def resolve_model(name: str) -> str:
     return str(zoo.materialize(name)) if name in zoo.MODELS else name
 
 
-def training_windows(tokenizer, num_windows: int, length: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """``num_windows`` random windows of ``length`` tokens from the corpus training split (all domains)."""
+def text_data(args: argparse.Namespace, split: str):
+    """The corpus split (all domains), or the ``--text-file`` text for every split."""
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as handle:
+            return [handle.read()]
     from optimum_admm.corpus import load_corpus
 
-    texts = list(load_corpus("train")["text"])
+    return load_corpus(split)
+
+
+def held_out_sets(args: argparse.Namespace) -> dict:
+    if args.text_file:
+        return {"text": text_data(args, "test")}
+    from optimum_admm.corpus import DOMAINS, load_corpus
+
+    return {domain: load_corpus("test", domains=[domain]) for domain in DOMAINS}
+
+
+def training_windows(tokenizer, num_windows: int, length: int, seed: int, args) -> list[dict[str, torch.Tensor]]:
+    """``num_windows`` random windows of ``length`` tokens from the corpus training split (all domains)."""
+    data = text_data(args, "train")
+    texts = data if isinstance(data, list) else list(data["text"])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream = [t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids + eos]
     chunks = torch.tensor(stream[: len(stream) // length * length]).view(-1, length)
@@ -83,7 +105,6 @@ def prune_or_load(model, tokenizer, args: argparse.Namespace) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from optimum_admm.corpus import load_corpus
     from optimum_admm.export import read_pruning_metadata
 
     directory = Path(args.pruned_dir or Path(args.output_dir) / f"pruned-{args.sparsity:g}")
@@ -96,7 +117,7 @@ def prune_or_load(model, tokenizer, args: argparse.Namespace) -> dict:
             seed=args.seed,
         )
         pruner = ADMMPruner(model=model, tokenizer=tokenizer, config=config)
-        pruner.prune(calibration_dataset=load_corpus("train"), show_progress=False)
+        pruner.prune(calibration_dataset=text_data(args, "train"), show_progress=False)
         pruner.save_pretrained(directory, save_masks=True, overwrite=True)
     else:
         logger.info("reusing the pruned model in %s", directory)
@@ -128,15 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from optimum_admm.corpus import DOMAINS, load_corpus
-
     set_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    held_out = {domain: load_corpus("test", domains=[domain]) for domain in DOMAINS}
+    held_out = held_out_sets(args)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. fine-tune with an ordinary Trainer; the callback is the only addition
     if not args.train_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)  # tied to lm_head in SmolLM2
-    train_data = training_windows(tokenizer, args.steps * args.batch_size, args.sequence_length, args.seed)
+    train_data = training_windows(tokenizer, args.steps * args.batch_size, args.sequence_length, args.seed, args)
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.steps,

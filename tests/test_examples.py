@@ -13,10 +13,7 @@ from conftest import build_tiny_model, build_tokenizer, make_text
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
-SKIPPED = {
-    "finetune_sparse.py": "takes its training and held-out text from the reference corpus only (no text-file "
-    "option yet) and is still being written; run it with `python examples/finetune_sparse.py --steps 2`",
-}
+SKIPPED: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +44,12 @@ def arguments(name: str, assets: Path, out: Path) -> list[str]:
             "--target", json.dumps({"num_hidden_layers": 1, "intermediate_size": 32}),
             "--output-dir", str(out / "sheared"),
         ],
+        "finetune_sparse.py": [
+            "--model", model, "--text-file", text, "--sparsity", "0.5", "--num-samples", "4",
+            "--calibration-length", "32", "--steps", "2", "--batch-size", "2", "--sequence-length", "32",
+            "--eval-tokens", "256", "--eval-length", "64", "--output-dir", str(out / "ft"),
+            "--report-json", str(out / "ft.json"),
+        ],
         "dynamic_batch_loading.py": [
             "--source", model, "--text-dir", str(assets / "domains"), "--max-steps", "2", "--eval-steps", "1",
             "--sequence-length", "32", "--batch-size", "2", "--num-workers", "0", "--output-dir", str(out / "dbl"),
@@ -64,6 +67,9 @@ def check_outputs(name: str, out: Path) -> None:
         assert config["num_hidden_layers"] == 1 and config["intermediate_size"] == 32
     elif name == "dynamic_batch_loading.py":
         assert any((out / "dbl").glob("checkpoint-*"))
+    elif name == "finetune_sparse.py":
+        report = json.loads((out / "ft.json").read_text())
+        assert report["sparsity_check"]["pruned_entries_nonzero_after_training"] == 0
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
