@@ -71,18 +71,10 @@ def check_save_dir(save_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _check_max_shard_size(max_shard_size: int | str) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
+    from .memory import parse_size
 
     allowed = "a positive number of bytes or a size string such as '5GB', '500MB' or '2GiB'"
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
-        raise ValueError(f"max_shard_size={max_shard_size!r} is invalid; allowed: {allowed}")
-    try:
-        size = convert_file_size_to_int(max_shard_size)
-    except ValueError:
-        raise ValueError(f"max_shard_size={max_shard_size!r} is invalid; allowed: {allowed}") from None
-    if size <= 0:
-        raise ValueError(f"max_shard_size={max_shard_size!r} is invalid; allowed: {allowed}")
-    return size
+    return parse_size("max_shard_size", max_shard_size, max_shard_size, allowed)
 
 
 def normalize_evaluation_results(results: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:

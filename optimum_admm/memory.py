@@ -50,8 +50,9 @@ def hidden_size_of(model: nn.Module) -> tuple[int, torch.dtype]:
     """The hidden width the decoder blocks pass on, and the dtype of the hidden states (works on meta models).
 
     Example:
-        >>> from torch import nn
-        >>> hidden_size_of(nn.Embedding(10, 8))
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> hidden_size_of(LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        ...     num_attention_heads=2, vocab_size=16)))
         (8, torch.float32)
     """
     config = getattr(model, "config", None)
@@ -65,9 +66,27 @@ def hidden_size_of(model: nn.Module) -> tuple[int, torch.dtype]:
     return hidden, dtype
 
 
-def _budget_for(max_memory: MaxMemory, storage: torch.device) -> int | None:
+def parse_size(name: str, value: object, shown: object, allowed: str) -> int:
+    """A positive byte count from an int or a size string (``"5GB"``, ``"2GiB"``); ``ValueError`` naming ``name``.
+
+    Example:
+        >>> parse_size("max_shard_size", "1KiB", "1KiB", "a size")
+        1024
+    """
     from accelerate.utils import convert_file_size_to_int
 
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name}={shown!r} is invalid; allowed: {allowed}")
+    try:
+        size = convert_file_size_to_int(value)
+    except ValueError:
+        raise ValueError(f"{name}={shown!r} is invalid; allowed: {allowed}") from None
+    if size <= 0:
+        raise ValueError(f"{name}={shown!r} is invalid; allowed: {allowed}")
+    return size
+
+
+def _budget_for(max_memory: MaxMemory, storage: torch.device) -> int | None:
     allowed = "bytes (int), a size such as '2GiB', or accelerate's {device: size} dict, e.g. {'cpu': '8GiB'}"
     if isinstance(max_memory, Mapping):
         keys = [str(storage), storage.type] + ([storage.index] if storage.index is not None else [])
@@ -76,15 +95,7 @@ def _budget_for(max_memory: MaxMemory, storage: torch.device) -> int | None:
             return None
     else:
         value = max_memory
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"max_memory={max_memory!r} is invalid; allowed: {allowed}")
-    try:
-        budget = convert_file_size_to_int(value)
-    except ValueError:
-        raise ValueError(f"max_memory={max_memory!r} is invalid; allowed: {allowed}") from None
-    if budget <= 0:
-        raise ValueError(f"max_memory={max_memory!r} is invalid; allowed: {allowed}")
-    return budget
+    return parse_size("max_memory", value, max_memory, allowed)
 
 
 def check_activation_budget(
@@ -107,7 +118,7 @@ def check_activation_budget(
         >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         ...     num_attention_heads=4, vocab_size=64))
         >>> check_activation_budget(model, 16, 128, max_memory="1MiB")
-        262144
+        524288
     """
     storage = torch.device(storage_device)
     hidden, dtype = hidden_size_of(model)
