@@ -25,7 +25,8 @@ def section(results: dict, path: Path, methods: list[str]) -> str:
         f"regenerate with `python benchmarks/compare_methods.py --model {results['model']}`). Weights: "
         f"{results['model']} ({results['source'].get('file', results['source'])}); calibration: "
         f"{results['calibration']}; evaluation: {results['evaluation']}. Dense mean perplexity "
-        f"{dense['mean']:.2f}.",
+        f"{dense['mean']:.2f}. Wall times were taken on shared cores: compare them only where the full table's load "
+        "average is near 2.",
         "",
         "| run | pattern | mean ppl | " + " | ".join(domains) + " | mean rel. layer error | wall s |",
         "|---|---|---:|" + "---:|" * (len(domains) + 2),
