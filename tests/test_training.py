@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
+import socket
 import warnings
 
 import pytest
@@ -186,12 +188,26 @@ def test_keep_sparse_custom_loop_with_autocast_scaler_and_accumulation(pruned_mo
     assert all(not p._backward_hooks for p in pruned_model.parameters())
 
 
-def test_keep_sparse_under_ddp(pruned_model, train_data, tmp_path):
+# Rendezvous over loopback only: a TCP store on 127.0.0.1 and gloo bound to the loopback interface, so the tests
+# neither depend on how the machine's hostname resolves nor on file locking in its temporary directory, and a
+# rendezvous that cannot complete fails within a minute instead of gloo's default half hour.
+GLOO_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_keep_sparse_under_ddp(pruned_model, train_data, monkeypatch):
     """One-process gloo DDP: the hooks run before the reducer, so the all-reduced gradient is already masked."""
     import torch.distributed as dist
 
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     masks = masks_from_model(pruned_model)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    init_method = f"tcp://127.0.0.1:{_free_loopback_port()}"
+    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1, timeout=GLOO_TIMEOUT)
     try:
         ddp = nn.parallel.DistributedDataParallel(pruned_model.train())
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
@@ -207,14 +223,16 @@ def test_keep_sparse_under_ddp(pruned_model, train_data, tmp_path):
     assert pruned_nonzero(pruned_model, masks) == 0
 
 
-def _ddp_worker(rank: int, store: str, result_dir: str) -> None:
+def _ddp_worker(rank: int, init_method: str, result_dir: str) -> None:
     import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
     torch.manual_seed(0)  # identical initial weights and masks on both ranks
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     masks = {"0.weight": torch.rand(16, 8) > 0.7, "2.weight": torch.rand(4, 16) > 0.5}
     apply_masks_(model, masks)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2, timeout=GLOO_TIMEOUT)
     try:
         ddp = nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=0.05, weight_decay=0.1)
@@ -236,7 +254,8 @@ def test_keep_sparse_two_process_ddp(tmp_path):
     """Two gloo ranks on different data: both keep the zeros and stay identical replicas."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    init_method = f"tcp://127.0.0.1:{_free_loopback_port()}"
+    mp.spawn(_ddp_worker, args=(init_method, str(tmp_path)), nprocs=2, join=True)
     first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
     assert first["violations"] == second["violations"] == 0
     for name, value in first["state"].items():
