@@ -53,6 +53,9 @@ def num_pruned(numel: int, sparsity: float) -> int:
     return min(numel, int(math.floor(numel * sparsity + 1e-6)))
 
 
+_CHUNK = 1 << 22  # elements per chunk of rows in per-row selection
+
+
 def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tensor:
     """Keep-mask pruning the ``k`` smallest scores (over everything, or along ``dim``), ties by lower index."""
     if k <= 0:
@@ -70,6 +73,10 @@ def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tens
         return (~pruned).reshape(scores.shape)
     if k >= scores.shape[dim]:
         return torch.zeros_like(scores, dtype=torch.bool)
+    if scores.dim() == 2 and dim in (1, -1) and scores.numel() > _CHUNK:
+        # Per-row selection is row-independent: chunks of rows bound the selection's workspace (kthvalue copies).
+        rows = max(1, _CHUNK // scores.shape[1])
+        return torch.cat([_prune_smallest(part, k, dim) for part in scores.split(rows)])
     threshold = scores.kthvalue(k, dim=dim, keepdim=True).values
     pruned = scores <= threshold
     if bool((pruned.sum(dim=dim) > k).any()):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import resume
 from .configuration import PruningConfig
-from .memory import MaxMemory, check_activation_budget
+from .memory import MaxMemory, check_activation_budget, release_freed_host_memory
 from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
 from .offload import onloaded
 from .registry import get_method
@@ -231,6 +231,8 @@ def _prune_block(model, block, layers, inputs, index, config, method, report, ti
                 continue
             with onloaded(model, name) as module:
                 row = _prune_layer(name, module, accumulator.gram, config, method)
+            if accumulator.gram.device.type == "cpu":
+                release_freed_host_memory()
             row.num_tokens = accumulator.num_tokens
             report.layers.append(row)
             timings["solve"] += row.seconds
@@ -238,6 +240,7 @@ def _prune_block(model, block, layers, inputs, index, config, method, report, ti
     start = time.perf_counter()
     inputs.hidden = list(_run_block(block, inputs, index, device, inputs.hidden[0].device))
     timings["forward"] += time.perf_counter() - start
+    release_freed_host_memory()
 
 
 def _pruned_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

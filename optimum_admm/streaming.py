@@ -5,7 +5,9 @@ the decoder blocks (embeddings, final norm, head) are loaded. Then, for each blo
 from the source shards with safetensors' lazy ``safe_open`` and placed with accelerate's
 ``set_module_tensor_to_device`` on the execution device; the block is calibrated, pruned and propagated by the same
 code as the in-memory driver (so the result is bitwise identical), written to its own output shard and returned to
-``meta``. Peak memory is one block + the non-block modules + the calibration activations + the Gram statistics.
+``meta``. The non-block modules are loaded for the input capture and again to be written, not in between, so while
+the blocks are pruned peak memory is one block + the calibration activations + the Gram statistics + one layer's
+solver workspace.
 
 The output directory (one shard per block plus one for the rest, an index, the config, tokenizer files and
 ``pruning_config.json``) is written beside ``save_dir`` and renamed into place when complete; the source is only read.
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationSource, describe_source, get_calibration_data
 from .configuration import PruningConfig
 from .export import PRUNING_CONFIG_NAME, check_save_dir, pruning_metadata
-from .memory import MaxMemory, check_activation_budget
+from .memory import MaxMemory, check_activation_budget, release_freed_host_memory
 from .modeling import find_decoder_blocks, find_prunable_layers
 from .registry import get_method
 from .reporting import PruningReport
@@ -215,6 +217,9 @@ def prune_checkpoint(
                     model, blocks, block_keys, batches, source, weight_map, device, storage, result
                 )
                 result.compute_seconds += time.perf_counter() - start
+            # The embeddings, final norm and head are not needed again until they are written: hold one block only.
+            _free(model, other_keys)
+            model.tie_weights()
             bar = tqdm(
                 range(len(blocks)), desc=f"Streaming ({config.method})", unit="block", disable=not show_progress
             )
@@ -238,6 +243,7 @@ def prune_checkpoint(
                 result.write_seconds += _write_shard(model, block_keys[index], tmp / shard)
                 result.shards.append(shard)
                 _free(model, block_keys[index])
+                release_freed_host_memory()
         if unpruned:
             raise RuntimeError(f"{len(unpruned)} targeted layers received no calibration input: {unpruned[:5]}")
         result.write_seconds += _write_rest(model, source, tmp, other_keys, block_keys, result, total, config, report)
@@ -293,7 +299,9 @@ def _capture_with_streamed_blocks(model, blocks, block_keys, batches, source, we
 def _write_rest(model, source, tmp, other_keys, block_keys, result, total, config, report) -> float:
     """The non-block shard, the index, config/tokenizer files and ``pruning_config.json``."""
     first = f"model-00001-of-{total:05d}.safetensors"
+    result.load_seconds += _load_tensors(model, source, checkpoint_weight_map(source), other_keys, "cpu")
     seconds = _write_shard(model, other_keys, tmp / first)
+    _free(model, other_keys)
     weight_map = dict.fromkeys(other_keys, first)
     for shard, keys in zip(result.shards, block_keys, strict=True):
         weight_map.update(dict.fromkeys(keys, shard))
