@@ -28,7 +28,7 @@ from torch import nn
 from .reporting import LayerReport
 from .version import __version__
 
-__all__ = ["CheckpointState", "fingerprint", "load_state", "save_block", "load_block", "load_inputs"]
+__all__ = ["CheckpointState", "block_path", "fingerprint", "load_state", "save_block", "load_block", "load_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def save_block(
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    _atomic_write(directory / f"block-{index:05d}.safetensors", lambda p: save_file(cpu, str(p)))
+    _atomic_write(block_path(directory, index), lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
     if next_inputs is not None:
         hidden = {f"hidden.{j}": t.detach().to("cpu").contiguous() for j, t in enumerate(next_inputs)}
         _atomic_write(directory / f"inputs-{index + 1:05d}.safetensors", lambda p: save_file(hidden, str(p)))
@@ -156,11 +156,21 @@ def save_block(
         stale.unlink()
 
 
+def block_path(checkpoint_dir: str | os.PathLike, index: int) -> Path:
+    """Where block ``index``'s pruned tensors are recorded (a safetensors file with ``format: pt`` metadata).
+
+    Example:
+        >>> block_path("ckpt", 3).name
+        'block-00003.safetensors'
+    """
+    return Path(checkpoint_dir) / f"block-{index:05d}.safetensors"
+
+
 def load_block(checkpoint_dir: str | os.PathLike, index: int) -> dict[str, torch.Tensor]:
     """The pruned tensors recorded for block ``index``."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(checkpoint_dir) / f"block-{index:05d}.safetensors"))
+    return load_file(str(block_path(checkpoint_dir, index)))
 
 
 def load_inputs(checkpoint_dir: str | os.PathLike, index: int) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import resume
 from .calibration import CalibrationSource, describe_source, get_calibration_data
 from .configuration import PruningConfig
 from .export import PRUNING_CONFIG_NAME, check_save_dir, pruning_metadata
@@ -96,8 +97,22 @@ def _load_tensors(model: nn.Module, source: Path, weight_map: dict[str, str], na
     for file, keys in by_file.items():
         with safe_open(str(source / file), framework="pt", device=str(device)) as handle:
             for key in keys:
-                set_module_tensor_to_device(model, key, device, value=handle.get_tensor(key))
+                value = handle.get_tensor(key)
+                if value.device.type == "cpu":
+                    _page_in(value)
+                set_module_tensor_to_device(model, key, device, value=value)
     return time.perf_counter() - start
+
+
+def _page_in(tensor: torch.Tensor) -> None:
+    """Read one element per 4 KiB page of a tensor that safetensors memory-mapped from disk.
+
+    On CPU ``get_tensor`` maps the file lazily; the disk reads would otherwise happen at the first forward and be
+    counted as compute. Paging in here makes read errors surface while loading and the time split truthful.
+    """
+    if tensor.numel() and tensor.is_contiguous():
+        step = max(1, 4096 // tensor.element_size())
+        tensor.reshape(-1)[::step].sum()
 
 
 def _free(model: nn.Module, names: list[str]) -> None:
@@ -107,13 +122,36 @@ def _free(model: nn.Module, names: list[str]) -> None:
         set_module_tensor_to_device(model, name, "meta")
 
 
+def _block_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    return {n: state[n].detach().to("cpu").contiguous() for n in names}
+
+
 def _write_shard(model: nn.Module, names: list[str], path: Path) -> float:
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    state = model.state_dict()
-    save_file({n: state[n].detach().to("cpu").contiguous() for n in names}, str(path), metadata={"format": "pt"})
+    save_file(_block_tensors(model, names), str(path), metadata={"format": "pt"})
     return time.perf_counter() - start
+
+
+def _shard_name(index: int, total: int) -> str:
+    """Shard 1 holds the modules outside the blocks; block ``index`` is shard ``index + 2``."""
+    return f"model-{index + 2:05d}-of-{total:05d}.safetensors"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link when source and target share a file system (no second write), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _weight_map_digest(weight_map: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(weight_map.items())).encode()).hexdigest()[:16]
 
 
 def _skeleton(source: Path, weight_map: dict[str, str]) -> nn.Module:
@@ -150,6 +188,7 @@ def prune_checkpoint(
     max_memory: MaxMemory | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> StreamingResult:
     """Prune the checkpoint in ``source`` block by block into ``save_dir``, holding one block at a time.
 
@@ -164,6 +203,9 @@ def prune_checkpoint(
         max_memory: activation budget on ``storage_device`` (see :func:`optimum_admm.memory.check_activation_budget`).
         overwrite: replace a non-empty ``save_dir``.
         show_progress: show a tqdm bar over the blocks.
+        checkpoint_dir: record each finished block there (its output shard and the next block's inputs) and, when
+            it already holds a run of the same recipe, checkpoint and data, continue from the next block; see
+            :mod:`optimum_admm.resume`. The output is still only renamed into ``save_dir`` when complete.
 
     Example:
         >>> from optimum_admm import ADMMConfig
@@ -208,20 +250,36 @@ def prune_checkpoint(
     try:
         result.load_seconds += _load_tensors(model, source, weight_map, other_keys, device)
         model.tie_weights()
+        state, first = None, 0
+        if checkpoint_dir is not None:
+            current = resume.fingerprint(model, report.config, batches)
+            current["source"] = _weight_map_digest(weight_map)
+            state = resume.load_state(checkpoint_dir, current) or resume.CheckpointState(current, 0)
+            first = state.next_block
+            report.layers = list(state.layers)
+            for index in range(first):  # blocks finished before the interruption: their shards as recorded
+                _link_or_copy(resume.block_path(checkpoint_dir, index), tmp / _shard_name(index, total))
+                result.shards.append(_shard_name(index, total))
         unpruned: list[str] = []
         with torch.no_grad():
             inputs = None
-            if batches is not None:
+            if batches is not None and first < len(blocks):
                 start = time.perf_counter()
+                capture = batches if first == 0 else batches[:1]  # on resume: only the blocks' other arguments
                 inputs = _capture_with_streamed_blocks(
-                    model, blocks, block_keys, batches, source, weight_map, device, storage, result
+                    model, blocks, block_keys, capture, source, weight_map, device, storage, result
                 )
+                if first:
+                    inputs.hidden = [h.to(storage) for h in resume.load_inputs(checkpoint_dir, first)]
                 result.compute_seconds += time.perf_counter() - start
             # The embeddings, final norm and head are not needed again until they are written: hold one block only.
             _free(model, other_keys)
             model.tie_weights()
             bar = tqdm(
-                range(len(blocks)), desc=f"Streaming ({config.method})", unit="block", disable=not show_progress
+                range(first, len(blocks)),
+                desc=f"Streaming ({config.method})",
+                unit="block",
+                disable=not show_progress,
             )
             for index in bar:
                 result.load_seconds += _load_tensors(model, source, weight_map, block_keys[index], device)
@@ -239,8 +297,18 @@ def prune_checkpoint(
                     unpruned,
                 )
                 result.compute_seconds += time.perf_counter() - start
-                shard = f"model-{index + 2:05d}-of-{total:05d}.safetensors"
-                result.write_seconds += _write_shard(model, block_keys[index], tmp / shard)
+                shard = _shard_name(index, total)
+                start = time.perf_counter()
+                if state is not None and not unpruned:
+                    state.layers = report.layers
+                    hidden = inputs.hidden if inputs is not None and index + 1 < len(blocks) else None
+                    tensors = _block_tensors(model, block_keys[index])
+                    resume.save_block(checkpoint_dir, index, tensors, hidden, state)
+                    del tensors
+                    _link_or_copy(resume.block_path(checkpoint_dir, index), tmp / shard)
+                    result.write_seconds += time.perf_counter() - start
+                else:
+                    result.write_seconds += _write_shard(model, block_keys[index], tmp / shard)
                 result.shards.append(shard)
                 _free(model, block_keys[index])
                 release_freed_host_memory()

@@ -56,3 +56,75 @@ def test_streaming_refuses_bad_source_and_budget(tokenizer, corpus_text, tmp_pat
     with pytest.raises(ValueError, match="max_memory=1024 .*need 32.00 KiB"):
         prune_checkpoint(source, tmp_path / "out", ADMMConfig(**FAST), [corpus_text], max_memory=1024)
     assert not (tmp_path / "out").exists()
+
+
+def _save_source(family, tokenizer, directory):
+    build_tiny_model(family).save_pretrained(directory, max_shard_size="20KB")
+    tokenizer.save_pretrained(directory)
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def _interrupt_streaming_at(monkeypatch, block: int) -> None:
+    import optimum_admm.streaming as streaming
+
+    real = streaming._prune_block
+
+    def failing(model, block_module, layers, inputs, index, *args):
+        if index == block:
+            raise KeyboardInterrupt
+        return real(model, block_module, layers, inputs, index, *args)
+
+    monkeypatch.setattr(streaming, "_prune_block", failing)
+
+
+def test_streaming_interrupted_then_resumed_is_identical(tokenizer, corpus_text, tmp_path, monkeypatch):
+    """Interrupted at block 2 of 3, the same call continues from block 2 and writes the uninterrupted output."""
+    source = tmp_path / "source"
+    before = _save_source("gemma3-sliding", tokenizer, source)
+    config = ADMMConfig(**FAST)
+    expected = prune_checkpoint(source, tmp_path / "expected", config, [corpus_text], show_progress=False)
+
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _interrupt_streaming_at(patch, block=2)
+        with pytest.raises(KeyboardInterrupt):
+            prune_checkpoint(source, out, config, [corpus_text], show_progress=False, checkpoint_dir=checkpoint)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # nothing that looks complete
+    assert sorted(p.name for p in checkpoint.glob("block-*")) == ["block-00000.safetensors", "block-00001.safetensors"]
+
+    calls = []
+    import optimum_admm.streaming as streaming
+
+    real = streaming._prune_block
+    monkeypatch.setattr(streaming, "_prune_block", lambda *a: calls.append(a[4]) or real(*a))
+    result = prune_checkpoint(source, out, config, [corpus_text], show_progress=False, checkpoint_dir=checkpoint)
+    assert calls == [2]  # blocks 0 and 1 were not pruned again
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "expected").state_dict()
+    assert loaded.keys() == reference.keys()
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, reference[name]), name
+    assert [r.relative_error for r in result.report.layers] == [r.relative_error for r in expected.report.layers]
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def test_streaming_resume_refuses_a_changed_recipe_or_checkpoint(tokenizer, corpus_text, tmp_path, monkeypatch):
+    source, other = tmp_path / "source", tmp_path / "other"
+    _save_source("llama", tokenizer, source)
+    checkpoint = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:
+        _interrupt_streaming_at(patch, block=1)
+        with pytest.raises(KeyboardInterrupt):
+            prune_checkpoint(
+                source, tmp_path / "out", ADMMConfig(**FAST), [corpus_text], show_progress=False,
+                checkpoint_dir=checkpoint,
+            )  # fmt: skip
+    with pytest.raises(ValueError, match=r"config\.sparsity: 0\.5 -> 0\.6"):
+        prune_checkpoint(
+            source, tmp_path / "out", ADMMConfig(**{**FAST, "sparsity": 0.6}), [corpus_text], checkpoint_dir=checkpoint
+        )
+    build_tiny_model("llama", seed=1).save_pretrained(other, max_shard_size="20KB")
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ValueError, match=r"model: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        prune_checkpoint(other, tmp_path / "out", ADMMConfig(**FAST), [corpus_text], checkpoint_dir=checkpoint)
+    assert not (tmp_path / "out").exists()

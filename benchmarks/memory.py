@@ -1,13 +1,20 @@
-"""Streaming-mode memory benchmark: prune a random LLaMA checkpoint several times larger than a memory budget.
+"""Memory benchmark of streaming mode: prune a random LLaMA checkpoint about 4x larger than its memory budget.
 
 Builds a sharded fp32 checkpoint (one shard per block, written block by block so the builder never holds the model
-either), then prunes it with :func:`optimum_admm.streaming.prune_checkpoint` in a fresh child process and reports its
-peak RSS against the budget ``baseline + non-block modules + one block + activations + statistics, + 10%``, the wall
-time and the split between loading, computing and writing.
+either), then prunes it with :func:`optimum_admm.streaming.prune_checkpoint` in a fresh child process and reports
 
-Reproduce (about 3 minutes on 2 busy CPU cores)::
+* its peak RSS (``getrusage``) against the budget ``1.10 * (baseline + one block + activations + statistics)``:
+  ``baseline`` is the child's RSS after importing torch/transformers and before any work, ``statistics`` the Gram
+  matrices alive at once (``3 h^2 + m^2`` floats: q/k/v, o, gate/up and down inputs);
+* the wall time and its split between loading (reading the block's tensors from the shards), computing (forwards,
+  statistics, the solve) and writing (the output shards).
 
-    nice -n 10 python benchmarks/streaming/run.py --output benchmarks/streaming/results.json
+The method is Wanda with the driver's full Gram statistics, so the memory profile is the one ADMM and SparseGPT have
+minus their larger per-layer solver workspace; ADMM's solve on 2 CPU cores would take hours at this size.
+
+Reproduce (about 5 minutes on 2 CPU cores; builds 4 GB under --workdir)::
+
+    python benchmarks/memory.py --output benchmarks/results/memory.json
 """
 
 from __future__ import annotations
@@ -90,7 +97,7 @@ def child(args) -> None:
     from optimum_admm import WandaConfig
     from optimum_admm.streaming import prune_checkpoint
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(os.cpu_count() or 1)
     baseline = _rss_bytes()
     ids = torch.randint(
         0, args.vocab, (args.num_samples, args.sequence_length), generator=torch.Generator().manual_seed(0)
@@ -117,13 +124,13 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/optimum-admm-streaming-bench"))
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("results.json"))
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--save-dir", type=Path, help=argparse.SUPPRESS)
@@ -145,8 +152,14 @@ def main() -> None:
     block = (4 * h * h + 3 * h * m + 2 * h) * 4
     rest = (args.vocab * h + h) * 4
     activations = 2 * n * t * h * 4
-    statistics = (h * h + m * m) * 4  # the largest Grams alive at once: attention/MLP input, then down_proj input
-    budget = 1.10 * (measured["baseline_rss_bytes"] + rest + block + activations + statistics)
+    statistics = (3 * h * h + m * m) * 4  # the Grams alive at once: q/k/v, o, gate/up and down_proj inputs
+    working_set = measured["baseline_rss_bytes"] + block + activations + statistics
+    budget = 1.10 * working_set
+    import accelerate
+    import safetensors
+    import torch
+    import transformers
+
     results = {
         "model": {"hidden": h, "intermediate": m, "layers": args.layers, "vocab": args.vocab, "dtype": "float32"},
         "calibration": {"num_samples": n, "sequence_length": t},
@@ -156,12 +169,29 @@ def main() -> None:
         "non_block_gb": rest / 1e9,
         "activations_gb": activations / 1e9,
         "statistics_gb": statistics / 1e9,
+        "budget_formula": "1.10 * (baseline + one block + activations + statistics)",
         "budget_gb": budget / 1e9,
         **{k.replace("_bytes", "_gb"): v / 1e9 if k.endswith("_bytes") else v for k, v in measured.items()},
+        "peak_over_working_set_gb": (measured["peak_rss_bytes"] - working_set) / 1e9,
         "within_budget": measured["peak_rss_bytes"] <= budget,
         "checkpoint_over_budget": checkpoint_bytes / budget,
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "note": "shared, nice -n 10"},
+        "time_split": {k: measured[f"{k}_seconds"] / measured["wall_seconds"] for k in ("load", "compute", "write")},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+            "python": platform.python_version(),
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+            "safetensors": safetensors.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
     }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     logger.info(json.dumps(results, indent=2))
 
