@@ -66,9 +66,9 @@ def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tens
             return torch.zeros_like(scores, dtype=torch.bool)
         threshold = flat.kthvalue(k).values  # 0-d: broadcasting a 0-d tensor is much cheaper than a (1,) one
         pruned = flat <= threshold
-        if int(pruned.sum()) > k:  # ties at the threshold: prune the lower indices first
+        if int(torch.count_nonzero(pruned)) > k:  # ties at the threshold: prune the lower indices first
             ties = flat == threshold
-            still_needed = k - int((flat < threshold).sum())
+            still_needed = k - int(torch.count_nonzero(flat < threshold))
             pruned = (flat < threshold) | (ties & (ties.cumsum(0, dtype=torch.int32) <= still_needed))
         return (~pruned).reshape(scores.shape)
     if k >= scores.shape[dim]:
@@ -79,10 +79,10 @@ def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tens
         return torch.cat([_prune_smallest(part, k, dim) for part in scores.split(rows)])
     threshold = scores.kthvalue(k, dim=dim, keepdim=True).values
     pruned = scores <= threshold
-    if bool((pruned.sum(dim=dim) > k).any()):
+    if bool((torch.count_nonzero(pruned, dim=dim) > k).any()):
         below = scores < threshold
         ties = scores == threshold
-        still_needed = k - below.sum(dim=dim, keepdim=True)
+        still_needed = k - torch.count_nonzero(below, dim=dim).unsqueeze(dim)
         pruned = below | (ties & (ties.cumsum(dim, dtype=torch.int32) <= still_needed))
     return ~pruned
 
@@ -118,6 +118,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         >>> nm_mask(torch.tensor([[1.0, 4.0, 3.0, 2.0, 5.0, 5.0, 0.0, 5.0]]), 2, 4).int().tolist()
         [[0, 1, 1, 0, 0, 1, 0, 1]]
     """
+    if scores.numel() > _CHUNK and scores.shape[0] > 1:  # rows are independent: bound argsort's int64 indices
+        rows = max(1, _CHUNK // max(1, scores.shape[1]))
+        return torch.cat([nm_mask(part, n, m) for part in scores.split(rows)])
     groups = _groups(scores, m)
     order = torch.argsort(groups, dim=-1, stable=True)
     keep = torch.ones_like(groups, dtype=torch.bool)
@@ -136,7 +139,7 @@ def gradual_nm_mask(scores: torch.Tensor, n: int, m: int, sparsity: float) -> to
     """
     protected = nm_mask(scores, n, m)
     candidates = scores.masked_fill(protected, float("inf"))
-    k = min(num_pruned(scores.numel(), sparsity), int((~protected).sum()))
+    k = min(num_pruned(scores.numel(), sparsity), protected.numel() - int(torch.count_nonzero(protected)))
     return _prune_smallest(candidates, k, dim=None)
 
 

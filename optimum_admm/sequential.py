@@ -207,7 +207,7 @@ def _prune_layer(name: str, module: nn.Module, gram: torch.Tensor | None, config
     if dense.is_cuda:
         torch.cuda.synchronize(dense.device)
     seconds = time.perf_counter() - start
-    sparsity = float((get_weight_matrix(module) == 0).sum()) / dense.numel()
+    sparsity = 1.0 - float(torch.count_nonzero(get_weight_matrix(module))) / dense.numel()
     return LayerReport(name, tuple(dense.shape), sparsity, error, seconds)
 
 

@@ -40,15 +40,14 @@ def relative_reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gra
         >>> round(relative_reconstruction_error(w0, torch.tensor([[1.0, 0.0]]), torch.eye(2)), 6)
         0.8
     """
-    numerator = torch.zeros((), dtype=torch.float64, device=gram.device)
-    denominator = torch.zeros((), dtype=torch.float64, device=gram.device)
+    numerator = denominator = 0.0
     # Row chunks of about 4M elements: the workspace stays small next to the layer however wide it is.
     rows = max(1, (1 << 22) // max(1, dense.shape[1]))
     for start in range(0, dense.shape[0], rows):
         w0 = dense[start : start + rows].to(device=gram.device, dtype=torch.float32)
         delta = pruned[start : start + rows].to(device=gram.device, dtype=torch.float32) - w0
-        numerator += ((delta @ gram) * delta).sum(dtype=torch.float64)
-        denominator += ((w0 @ gram) * w0).sum(dtype=torch.float64)
+        numerator += float(((delta @ gram) * delta).sum())
+        denominator += float(((w0 @ gram) * w0).sum())
     if denominator <= 0:
         return 0.0 if numerator <= 0 else float("inf")
     return float(numerator / denominator)

@@ -53,7 +53,7 @@ def test_admm_group_lists_its_subcommands(monkeypatch, capsys):
         _optimum_cli_in_process(monkeypatch, "admm", "--help")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "prune" in out and "evaluate" in out
+    assert "prune" in out and "evaluate" in out and "shear" in out
 
 
 def test_prune_writes_a_loadable_model_and_pushes_it(dense_dir, tmp_path, monkeypatch):
@@ -177,3 +177,157 @@ def test_recipe_rebuilds_the_saved_config_and_flags_override_it(tmp_path):
     assert command._config() == saved
     command.args = parser.parse_args(["--model", "m", "--output", "o", "--recipe", str(recipe), "--pattern", "2:4"])
     assert command._config() == ADMMConfig(mask_structure="2:4", rho=2.5, iterations=12, mask_iterations=6, seed=5)
+
+
+HALF = {
+    "num_hidden_layers": 1,
+    "hidden_size": 16,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "intermediate_size": 32,
+}  # half of the tiny llama's 2 layers, hidden 32, 4 heads / 4 KV heads, FFN 64
+SHEAR_FAST = ["--steps", "3", "--sequence-length", "32", "--max-sequences", "16", "--batch-size", "4", "--no-progress"]
+
+
+def _assert_sheared(out: Path, stdout: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert {name: getattr(model.config, name) for name in HALF} == HALF
+    assert len(model.model.layers) == 1 and model.model.layers[0].mlp.up_proj.weight.shape == (32, 16)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(**tokenizer("the whale and the sea", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    assert (out / "shearing_config.json").is_file() and (out / "shearing_state.pt").is_file()
+    assert "num_hidden_layers 2 -> 1" in stdout and "intermediate_size 64 -> 32" in stdout
+    assert "parameters: " in stdout and f"saved to {out.resolve()}" in stdout
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0o700
+
+
+def test_shear_inline_target_in_a_real_process(dense_dir, tmp_path):
+    out = tmp_path / "sheared"
+    inline = ",".join(f"{key}={value}" for key, value in HALF.items())
+    result = _run(
+        "admm", "shear",
+        "--model", str(dense_dir / "dense"),
+        "--target-config", inline,
+        "--dataset", str(dense_dir / "calib.txt"),
+        "--output", str(out),
+        *SHEAR_FAST,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    _assert_sheared(out, result.stdout)
+
+
+@pytest.mark.parametrize("kind", ["model-config", "shearing-config"])
+def test_shear_json_target_with_the_console_script(kind, dense_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from optimum_admm.commands import main
+    from optimum_admm.structured import ShearingConfig
+
+    target = tmp_path / "target.json"
+    if kind == "model-config":  # a transformers config.json of the target shape: only the shape fields are used
+        config = AutoConfig.from_pretrained(dense_dir / "dense")
+        for key, value in HALF.items():
+            setattr(config, key, value)
+        config.to_json_file(target)
+    else:
+        target.write_text(ShearingConfig(**HALF, lagrangian_warmup=0.5).to_json())
+    out = tmp_path / "sheared"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    main(
+        [
+            "shear",
+            "--model", str(dense_dir / "dense"),
+            "--target-config", str(target),
+            "--dataset", str(dense_dir / "calib.txt"),
+            "--output", str(out),
+            "--overwrite",
+            *SHEAR_FAST,
+        ]
+    )  # fmt: skip
+    _assert_sheared(out, capsys.readouterr().out)
+    assert not (out / "stale.txt").exists()
+    if kind == "shearing-config":
+        assert (
+            ShearingConfig.from_dict(json.loads((out / "shearing_config.json").read_text())).lagrangian_warmup == 0.5
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--target-config", "num_layers=1"],
+            "unknown key 'num_layers'; allowed keys: num_hidden_layers, hidden_size",
+        ),
+        (["--target-config", "num_hidden_layers=two"], "num_hidden_layers='two' is not an integer"),
+        (["--target-config", "num_hidden_layers"], "argument --target-config: 'num_hidden_layers' is neither"),
+        (["--target-config", "num_hidden_layers=1,num_hidden_layers=1"], "'num_hidden_layers' is given twice"),
+        (["--target-config", "lagrangian_warmup=2"], "lagrangian_warmup=2.0 is out of range"),
+        (["--target-config", "num_hidden_layers=4"], "target num_hidden_layers=4 exceeds the source model's 2"),
+        (["--target-config", "num_hidden_layers=2"], "nothing to prune"),
+        (["--target-config", "{json}"], "has unknown keys ['layers']; allowed keys: num_hidden_layers"),
+        (["--dataset", "no-such-file.txt"], "argument --dataset: 'no-such-file.txt' is neither"),
+        (["--steps", "0"], "argument --steps: '0' is invalid"),
+        (["--learning-rate", "-1"], "argument --learning-rate: '-1' is invalid"),
+        (["--sequence-length", "1024"], "1024 exceeds the model's max_position_embeddings=256"),
+        (["--model", "no-such-model-dir"], "argument --model: cannot load the config of 'no-such-model-dir'"),
+        (["--output", "full"], "save_dir='full' is a non-empty directory"),
+    ],
+)
+def test_shear_bad_arguments_exit_2_before_loading_the_model(args, message, dense_dir, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    def no_loading(cls, *args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(no_loading))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("not mine")
+    (tmp_path / "bad.json").write_text(json.dumps({"layers": 1}))
+    args = [str(tmp_path / "bad.json") if arg == "{json}" else arg for arg in args]
+    defaults = {
+        "--model": str(dense_dir / "dense"),
+        "--target-config": "num_hidden_layers=1",
+        "--dataset": str(dense_dir / "calib.txt"),
+        "--steps": "3",
+        "--sequence-length": "32",
+        "--output": "o",
+    }
+    for flag, value in defaults.items():
+        if flag not in args:
+            args += [flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        _optimum_cli_in_process(monkeypatch, "admm", "shear", *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists() and (tmp_path / "full" / "keep.txt").exists()
+
+
+def test_inline_target_config_takes_every_shearing_config_field():
+    from optimum_admm.commands.admm import _shearing_config
+    from optimum_admm.structured import ShearingConfig
+
+    config = _shearing_config(
+        "num_hidden_layers=1, intermediate_size=32,structures=layer+intermediate,head_gating=query,"
+        "strict_head_dim=false,temperature=0.5"
+    )
+    assert config == ShearingConfig(
+        num_hidden_layers=1,
+        intermediate_size=32,
+        structures=["layer", "intermediate"],
+        head_gating="query",
+        strict_head_dim=False,
+        temperature=0.5,
+    )

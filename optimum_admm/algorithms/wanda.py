@@ -16,7 +16,8 @@ __all__ = ["wanda_scores", "wanda_prune"]
 def wanda_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """``|W_ij| * sqrt(G_jj)``, in fp32."""
     norms = gram.diagonal().to(device=weight.device, dtype=torch.float32).clamp_min(0).sqrt()
-    return weight.detach().abs().float() * norms
+    scores = weight.detach().abs().float()  # a new tensor: scaled in place
+    return scores.mul_(norms)
 
 
 def wanda_prune(

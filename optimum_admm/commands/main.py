@@ -12,7 +12,7 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run ``optimum-admm prune ...`` / ``optimum-admm evaluate ...``.
+    """Run ``optimum-admm prune ...`` / ``optimum-admm evaluate ...`` / ``optimum-admm shear ...``.
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Example:
         >>> main(["evaluate", "--model", "smollm2-admm-60", "--dataset", "wikitext2"])  # doctest: +SKIP
     """
-    root = RootOptimumCLICommand("optimum-admm", usage="optimum-admm {prune,evaluate} ...")
+    root = RootOptimumCLICommand("optimum-admm", usage="optimum-admm {prune,evaluate,shear} ...")
     for info in ADMMCommand.SUBCOMMANDS:
         root.register_subcommand(CommandInfo(info.name, help=info.help, subcommand_class=info.subcommand_class))
     args = root.parser.parse_args(argv)

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,15 +117,20 @@ def shear(
     if isinstance(model, (str, Path)):
         model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     defaults = {"logging_steps": 10, "save_strategy": "no", "report_to": [], "max_grad_norm": 1.0}
-    args = TrainingArguments(
-        output_dir=str(output_dir or "shearing-tmp"),
+    scratch = tempfile.TemporaryDirectory(prefix="shearing-") if output_dir is None else None
+    args = TrainingArguments(  # the Trainer wants a directory: a temporary one when nothing is to be kept
+        output_dir=str(output_dir) if scratch is None else scratch.name,
         max_steps=max_steps,
         learning_rate=learning_rate,
         per_device_train_batch_size=per_device_train_batch_size,
         **{**defaults, **training_kwargs},
     )
     trainer = ShearingTrainer(model=model, args=args, shearing_config=config, train_dataset=train_dataset)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     shearing = trainer.shearing
     shearing.detach()
     logger.info("Expected shape after %d steps: %s", max_steps, shearing.expected_shape())
