@@ -145,7 +145,8 @@ def check_activation_budget(
         raise ValueError(
             f"max_memory={max_memory!r} gives {format_bytes(budget)} on {storage}, but the calibration activations "
             f"need {format_bytes(needed)} (2 x num_samples={num_samples} x sequence_length={sequence_length} x "
-            f"hidden_size={hidden} x {dtype}); lower num_samples or sequence_length, or raise max_memory"
+            f"hidden_size={hidden} x {dtype}); lower num_samples or sequence_length, raise max_memory, or keep "
+            "them on disk with activation_cache_dir=..."
         )
     return needed
 

@@ -147,6 +147,7 @@ class ADMMPruner(OptimumQuantizer):
         show_progress: bool = True,
         max_memory: int | str | dict[int | str, int | str] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
+        activation_cache_dir: str | os.PathLike | None = None,
     ) -> PruningReport:
         """Prune the model in place and return the per-layer report.
 
@@ -163,6 +164,9 @@ class ADMMPruner(OptimumQuantizer):
                 refused with the numbers before any forward.
             checkpoint_dir: record every finished block there; re-running the same command after an interruption
                 continues from the next block (a different recipe, model or calibration set is refused).
+            activation_cache_dir: keep the calibration activations in memory-mapped files in this directory
+                instead of RAM, for calibration sets that do not fit (the files are unlinked as soon as they are
+                mapped: nothing is left behind).
 
         Example:
             >>> report = pruner.prune(calibration_dataset=["some text", "more text"])  # doctest: +SKIP
@@ -204,6 +208,7 @@ class ADMMPruner(OptimumQuantizer):
             show_progress=show_progress,
             max_memory=max_memory,
             checkpoint_dir=checkpoint_dir,
+            activation_cache_dir=activation_cache_dir,
         )
         report.calibration = calibration
         self.report = report

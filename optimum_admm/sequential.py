@@ -22,8 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import resume
+from .activations import Storage, check_activation_storage, resolve_storage, stash
 from .configuration import PruningConfig
-from .memory import MaxMemory, check_activation_budget, release_freed_host_memory
+from .memory import MaxMemory, release_freed_host_memory
 from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
 from .offload import onloaded
 from .registry import get_method
@@ -41,9 +42,10 @@ class _StopForward(Exception):
 
 @dataclass
 class _BlockInputs:
-    hidden: list[torch.Tensor]  # one (batch, seq, hidden) tensor per calibration batch, kept on `storage`
+    hidden: list[torch.Tensor]  # one (batch, seq, hidden) tensor per calibration batch, kept in `storage`
     # per block: the other positional and the keyword arguments it receives (the same for every sample)
     arguments: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    storage: Storage = torch.device("cpu")  # where block outputs are kept for the next block
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -84,7 +86,7 @@ def _model_input_device(model: nn.Module) -> torch.device:
 
 
 def _capture_inputs(
-    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], storage: torch.device
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], storage: Storage
 ) -> _BlockInputs:
     """Record the first block's hidden states for every batch and each block's keyword arguments.
 
@@ -102,7 +104,7 @@ def _capture_inputs(
             hidden_states = args[0] if args else kwargs.pop("hidden_states")
             received = (tuple(args[1:]), kwargs)
             if index == 0:
-                hidden.append(hidden_states.detach().to(storage))
+                hidden.append(stash(hidden_states, storage))
             if state["full"]:
                 arguments[index] = received
             elif not _same(received, arguments[0]):
@@ -128,13 +130,13 @@ def _capture_inputs(
     missing = [i for i, received in enumerate(arguments) if received is None]
     if missing:
         raise RuntimeError(f"decoder blocks {missing} were never called during the model forward")
-    return _BlockInputs(hidden=hidden, arguments=arguments)  # type: ignore[arg-type]
+    return _BlockInputs(hidden=hidden, arguments=arguments, storage=storage)  # type: ignore[arg-type]
 
 
-def _run_block(block: nn.Module, inputs: _BlockInputs, index: int, device: torch.device, storage: torch.device):
+def _run_block(block: nn.Module, inputs: _BlockInputs, index: int, device: torch.device, storage: Storage):
     args, kwargs = _to_device(inputs.arguments[index], device)
-    for hidden in inputs.hidden:
-        yield _first_output(block(hidden.to(device), *args, **kwargs)).detach().to(storage)
+    for hidden in inputs.hidden:  # one calibration batch at a time on the execution device
+        yield stash(_first_output(block(hidden.to(device), *args, **kwargs)), storage)
 
 
 def _share_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: _BlockInputs, index: int, device):
@@ -238,7 +240,7 @@ def _prune_block(model, block, layers, inputs, index, config, method, report, ti
             timings["solve"] += row.seconds
         del grams
     start = time.perf_counter()
-    inputs.hidden = list(_run_block(block, inputs, index, device, inputs.hidden[0].device))
+    inputs.hidden = list(_run_block(block, inputs, index, device, inputs.storage))
     timings["forward"] += time.perf_counter() - start
     release_freed_host_memory()
 
@@ -268,6 +270,7 @@ def prune_model(
     *,
     max_memory: MaxMemory | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    activation_cache_dir: str | os.PathLike | None = None,
 ) -> PruningReport:
     """Prune ``model`` in place, block by block, with the method registered for ``config``.
 
@@ -284,6 +287,8 @@ def prune_model(
             ``{device: size}`` dict); refused with the numbers before any forward when too small.
         checkpoint_dir: record each finished block there and, when it already holds a run of the same recipe, model
             and data, continue from the next block (see :mod:`optimum_admm.resume`).
+        activation_cache_dir: keep the calibration activations in memory-mapped files there instead of on
+            ``storage_device``, for calibration sets larger than RAM (see :mod:`optimum_admm.activations`).
 
     Returns:
         The :class:`~optimum_admm.reporting.PruningReport`.
@@ -297,12 +302,12 @@ def prune_model(
         model, config.targets, config.ignore, blocks, blocks_name, default_targets=type(config)().targets
     )
     method = get_method(config)
-    storage = torch.device(storage_device)
+    storage = resolve_storage(storage_device, activation_cache_dir)
     timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
     report = PruningReport(method=config.method, config=config.to_dict())
     if config.needs_calibration and calibration_batches:
         num_samples = sum(int(b.shape[0]) for b in calibration_batches)
-        check_activation_budget(model, num_samples, int(calibration_batches[0].shape[1]), max_memory, storage)
+        check_activation_storage(model, num_samples, int(calibration_batches[0].shape[1]), max_memory, storage)
     state = None
     if checkpoint_dir is not None:
         current = resume.fingerprint(model, report.config, calibration_batches)
@@ -325,7 +330,7 @@ def prune_model(
                 _restore_blocks(model, checkpoint_dir, layers_per_block, first)
                 report.layers = list(state.layers)
                 if inputs is not None and first < len(blocks):
-                    inputs.hidden = [h.to(storage) for h in resume.load_inputs(checkpoint_dir, first)]
+                    inputs.hidden = [stash(h, storage) for h in resume.load_inputs(checkpoint_dir, first)]
             bar = tqdm(
                 range(first, len(blocks)), desc=f"Pruning ({config.method})", unit="block", disable=not show_progress
             )

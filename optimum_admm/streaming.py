@@ -30,10 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import resume
+from .activations import check_activation_storage, resolve_storage, stash
 from .calibration import CalibrationSource, describe_source, get_calibration_data
 from .configuration import PruningConfig
 from .export import PRUNING_CONFIG_NAME, check_save_dir, pruning_metadata
-from .memory import MaxMemory, check_activation_budget, release_freed_host_memory
+from .memory import MaxMemory, release_freed_host_memory
 from .modeling import find_decoder_blocks, find_prunable_layers
 from .registry import get_method
 from .reporting import PruningReport
@@ -189,6 +190,7 @@ def prune_checkpoint(
     overwrite: bool = False,
     show_progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
+    activation_cache_dir: str | os.PathLike | None = None,
 ) -> StreamingResult:
     """Prune the checkpoint in ``source`` block by block into ``save_dir``, holding one block at a time.
 
@@ -206,6 +208,8 @@ def prune_checkpoint(
         checkpoint_dir: record each finished block there (its output shard and the next block's inputs) and, when
             it already holds a run of the same recipe, checkpoint and data, continue from the next block; see
             :mod:`optimum_admm.resume`. The output is still only renamed into ``save_dir`` when complete.
+        activation_cache_dir: keep the calibration activations in memory-mapped files there instead of on
+            ``storage_device`` (see :mod:`optimum_admm.activations`).
 
     Example:
         >>> from optimum_admm import ADMMConfig
@@ -216,7 +220,7 @@ def prune_checkpoint(
     started = time.perf_counter()
     source, target = Path(source), check_save_dir(save_dir, overwrite)
     weight_map = checkpoint_weight_map(source)
-    device, storage = torch.device(execution_device), torch.device(storage_device)
+    device, storage = torch.device(execution_device), resolve_storage(storage_device, activation_cache_dir)
     method = get_method(config)
     model = _skeleton(source, weight_map)
     blocks_name, blocks = find_decoder_blocks(model)
@@ -235,7 +239,7 @@ def prune_checkpoint(
             tokenizer = AutoTokenizer.from_pretrained(source)
         length = _sequence_length(model, config.sequence_length)
         ids = get_calibration_data(calibration_dataset, tokenizer, config.num_samples, length, seed=config.seed)
-        check_activation_budget(model, int(ids.shape[0]), int(ids.shape[1]), max_memory, storage)
+        check_activation_storage(model, int(ids.shape[0]), int(ids.shape[1]), max_memory, storage)
         batches = list(ids.split(1))
         calibration = {"dataset": describe_source(calibration_dataset), "num_samples": int(ids.shape[0])}
         calibration.update({"sequence_length": int(ids.shape[1]), "seed": config.seed})
@@ -270,7 +274,7 @@ def prune_checkpoint(
                     model, blocks, block_keys, capture, source, weight_map, device, storage, result
                 )
                 if first:
-                    inputs.hidden = [h.to(storage) for h in resume.load_inputs(checkpoint_dir, first)]
+                    inputs.hidden = [stash(h, storage) for h in resume.load_inputs(checkpoint_dir, first)]
                 result.compute_seconds += time.perf_counter() - start
             # The embeddings, final norm and head are not needed again until they are written: hold one block only.
             _free(model, other_keys)
