@@ -331,3 +331,208 @@ def test_inline_target_config_takes_every_shearing_config_field():
         strict_head_dim=False,
         temperature=0.5,
     )
+
+
+# -- large models: --streaming, --checkpoint-dir, --activation-cache-dir, --max-memory --------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory, tokenizer, corpus_text):
+    """A tiny dense checkpoint in several safetensors shards with its tokenizer, and a calibration text file."""
+    root = tmp_path_factory.mktemp("cli-sharded")
+    build_tiny_model("llama").save_pretrained(root / "dense", max_shard_size="20KB")
+    tokenizer.save_pretrained(root / "dense")
+    (root / "calib.txt").write_text(corpus_text)
+    return root
+
+
+def _prune_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "prune",
+        "--model", str(root / "dense"),
+        "--sparsity", "0.5",
+        "--dataset", str(root / "calib.txt"),
+        "--num-samples", "4",
+        "--sequence-length", "32",
+        "--output", str(out),
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def _assert_same_weights(path: Path, reference: dict[str, torch.Tensor]) -> None:
+    weights = _weights(path)
+    assert weights.keys() == reference.keys()
+    different = [name for name, tensor in weights.items() if not torch.equal(tensor, reference[name])]
+    assert not different, different
+
+
+@pytest.fixture(scope="module")
+def in_memory_weights(sharded_dir, tmp_path_factory):
+    """The weights `admm prune` saves without any large-model flag: what every other mode must reproduce."""
+    from optimum_admm.commands import main
+
+    out = tmp_path_factory.mktemp("cli-reference") / "out"
+    main(_prune_args(sharded_dir, out))
+    weights = _weights(out)
+    assert int((weights["model.layers.0.mlp.up_proj.weight"] == 0).sum()) == 64 * 32 // 2
+    return weights
+
+
+def test_streaming_saves_the_in_memory_weights(sharded_dir, in_memory_weights, tmp_path, capsys):
+    from optimum_admm.commands import main
+
+    out = tmp_path / "streamed"
+    calib = str(sharded_dir / "calib.txt")
+    main(_prune_args(sharded_dir, out, "--streaming", "--execution-device", "cpu", "--eval-dataset", calib))
+    stdout = capsys.readouterr().out
+    assert "streamed: load " in stdout and " compute " in stdout and " write " in stdout
+    assert "perplexity on calib.txt: " in stdout
+    assert f"saved to {out.resolve()}" in stdout
+    _assert_same_weights(out, in_memory_weights)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) == 3 and (out / "model.safetensors.index.json").is_file()  # the rest + one per block
+    meta = json.loads((out / "pruning_config.json").read_text())
+    assert meta["config"]["sparsity"] == 0.5 and meta["calibration"]["dataset"] == "file:calib.txt"
+    assert meta["calibration"]["num_samples"] == 4 and len(meta["layers"]) == 14
+    assert meta["evaluation"]["calib.txt"]["perplexity"] > 1
+    card = (out / "README.md").read_text()
+    assert "optimum-cli admm prune --model" in card and "calib.txt" in card
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_checkpoint_dir_records_blocks_and_a_rerun_is_identical(
+    streaming, sharded_dir, in_memory_weights, tmp_path, capsys
+):
+    from optimum_admm.commands import main
+
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "out"
+    args = _prune_args(sharded_dir, out, "--checkpoint-dir", str(checkpoint), *(["--streaming"] * streaming))
+    main(args)
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["next_block"] == 2
+    _assert_same_weights(out, in_memory_weights)
+    main([*args, "--overwrite"])  # the same command again: every block comes from the checkpoint
+    _assert_same_weights(out, in_memory_weights)
+    shutil.rmtree(out)
+    main(args)
+    _assert_same_weights(out, in_memory_weights)
+    assert f"saved to {out.resolve()}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_activation_cache_dir_is_used_and_left_empty(streaming, sharded_dir, in_memory_weights, tmp_path):
+    from optimum_admm.commands import main
+
+    cache, out = tmp_path / "activations", tmp_path / "out"
+    main(_prune_args(sharded_dir, out, "--activation-cache-dir", str(cache), *(["--streaming"] * streaming)))
+    assert cache.is_dir() and not list(cache.iterdir())
+    _assert_same_weights(out, in_memory_weights)
+
+
+def test_max_memory_budget_too_small_is_refused_with_the_numbers(sharded_dir, tmp_path, capsys):
+    from optimum_admm.commands import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_prune_args(sharded_dir, out, "--max-memory", "1KiB"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "max_memory='1KiB'" in err and "Traceback" not in err
+    assert not out.exists()
+    main(_prune_args(sharded_dir, out, "--max-memory", "100000000", "--streaming"))
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_streaming_from_the_hub_downloads_safetensors_only_and_pushes(
+    sharded_dir, in_memory_weights, tmp_path, monkeypatch
+):
+    from huggingface_hub import HfApi, constants
+
+    from optimum_admm.commands import main
+
+    with HubServer({TOKEN}) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        upload = tmp_path / "upload"
+        shutil.copytree(sharded_dir / "dense", upload)
+        (upload / "pytorch_model.bin").write_bytes(b"never downloaded")
+        api = HfApi(endpoint=hub.url, token=TOKEN)
+        api.create_repo("org/dense")
+        api.upload_folder(repo_id="org/dense", folder_path=upload)
+        out = tmp_path / "out"
+        model_args = ["--model", "org/dense"]
+        args = _prune_args(sharded_dir, out, "--streaming", "--push-to-hub", "org/pruned")
+        args[args.index("--model") : args.index("--model") + 2] = model_args
+        main(args)
+        pushed = hub.state.files("org/pruned")
+    downloaded = {p.name for p in (tmp_path / "hf-cache").rglob("*") if p.is_file() or p.is_symlink()}
+    assert "pytorch_model.bin" not in downloaded and "config.json" in downloaded
+    _assert_same_weights(out, in_memory_weights)
+    assert "base_model: org/dense" in (out / "README.md").read_text()
+    assert pushed["README.md"] == (out / "README.md").read_bytes() and "pruning_config.json" in pushed
+    assert pushed["model-00002-of-00003.safetensors"] == (out / "model-00002-of-00003.safetensors").read_bytes()
+    assert b'from_pretrained("org/pruned")' in pushed["README.md"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-memory", "abc"], "argument --max-memory: max_memory='abc' is invalid"),
+        (["--max-memory", "0"], "argument --max-memory: max_memory='0' is invalid"),
+        (["--activation-cache-dir", "a-file"], "argument --activation-cache-dir: activation_cache_dir='a-file'"),
+        (["--max-memory", "8GiB", "--activation-cache-dir", "cache"], "not allowed with --activation-cache-dir"),
+        (["--checkpoint-dir", "a-file"], "argument --checkpoint-dir: 'a-file' exists and is not a directory"),
+        (["--checkpoint-dir", "o/ckpt"], "argument --checkpoint-dir: must not be --output or inside it"),
+        (["--execution-device", "cuda:0"], "argument --execution-device: applies only with --streaming"),
+        (["--streaming", "--device-map", "auto"], "argument --streaming: not allowed with --device-map"),
+        (
+            ["--streaming", "--save-masks", "--torch-dtype", "float16"],
+            "argument --streaming: not allowed with --torch-dtype, --save-masks",
+        ),
+        (["--streaming", "--max-shard-size", "1GB"], "not allowed with --max-shard-size"),
+        (["--streaming", "--trust-remote-code"], "not allowed with --trust-remote-code"),
+        (["--streaming", "--execution-device", "no-such-device"], "argument --execution-device: 'no-such-device'"),
+        (["--streaming", "--model", "a-file"], "argument --model: 'a-file' is not a directory"),
+        (["--streaming", "--model", "bin-only"], "streaming mode reads safetensors only"),
+        (["--streaming", "--model", "./not/there"], "argument --model: neither a local directory nor a Hub id"),
+    ],
+)
+def test_large_model_bad_arguments_exit_2_before_loading(args, message, dense_dir, tmp_path, monkeypatch, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def no_loading(cls, *args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(no_loading))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", classmethod(no_loading))
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(no_loading))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "bin-only").mkdir()
+    (tmp_path / "bin-only" / "pytorch_model.bin").write_bytes(b"pickle")
+    if "--model" not in args:
+        args = ["--model", str(dense_dir / "dense"), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        _optimum_cli_in_process(monkeypatch, "admm", "prune", "--output", "o", *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
