@@ -4,7 +4,8 @@ Builds a sharded fp32 checkpoint (one shard per block, written block by block so
 either), then prunes it with :func:`optimum_admm.streaming.prune_checkpoint` in a fresh child process and reports
 
 * its peak RSS (``getrusage``) against the budget ``1.10 * (baseline + one block + activations + statistics)``:
-  ``baseline`` is the child's RSS after importing torch/transformers and before any work, ``statistics`` the Gram
+  ``baseline`` is the child's RSS with Python, torch, transformers and the model's code imported (a ``meta``
+  skeleton built, no weights) before any work, ``statistics`` the Gram
   matrices alive at once (``3 h^2 + m^2`` floats: q/k/v, o, gate/up and down inputs);
 * the wall time and its split between loading (reading the block's tensors from the shards), computing (forwards,
   statistics, the solve) and writing (the output shards).
@@ -94,11 +95,15 @@ def build_checkpoint(args, directory: Path) -> int:
 def child(args) -> None:
     """Run in a fresh process: prune in streaming mode and report peak RSS and timings."""
     import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from optimum_admm import WandaConfig
     from optimum_admm.streaming import prune_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
+    with init_empty_weights():  # the baseline includes the model's code (imports), not its weights
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.source))
     baseline = _rss_bytes()
     ids = torch.randint(
         0, args.vocab, (args.num_samples, args.sequence_length), generator=torch.Generator().manual_seed(0)
@@ -166,7 +171,7 @@ def main() -> None:
     statistics = (3 * h * h + m * m) * 4  # the Grams alive at once: q/k/v, o, gate/up and down_proj inputs
     working_set = measured["baseline_rss_bytes"] + block + activations + statistics
     budget = 1.10 * working_set
-    workspace = 2 * h * m * 4  # one layer's solve: its scores and its pruned copy (largest layer)
+    workspace = h * m * 4  # one layer's solve: its pruned copy (largest layer), scored and selected in row chunks
     import accelerate
     import safetensors
     import torch

@@ -41,8 +41,8 @@ def relative_reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gra
         0.8
     """
     numerator = denominator = 0.0
-    # Row chunks of about 4M elements: the workspace stays small next to the layer however wide it is.
-    rows = max(1, (1 << 22) // max(1, dense.shape[1]))
+    # Row chunks of about 1M elements: the workspace stays small next to the layer however wide it is.
+    rows = max(1, (1 << 20) // max(1, dense.shape[1]))
     for start in range(0, dense.shape[0], rows):
         w0 = dense[start : start + rows].to(device=gram.device, dtype=torch.float32)
         delta = pruned[start : start + rows].to(device=gram.device, dtype=torch.float32) - w0
