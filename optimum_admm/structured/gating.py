@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["GATE_MODES", "ShearingModule", "masked_rms_norm"]
 
 GATE_MODES = ("auto", "sample", "final")
-STATE_FILE = "shearing_state.pt"
+STATE_FILE = "shearing_state.safetensors"
 CONFIG_FILE = "shearing_config.json"
 
 
@@ -254,13 +254,19 @@ class ShearingModule(nn.Module):
 
     # --------------------------------------------------------------------------------------------------- save/load
     def save(self, directory: str | Path) -> None:
-        """Write the gate logits, multipliers (``shearing_state.pt``) and the recipe (``shearing_config.json``)."""
+        """Write the gate logits, multipliers (``shearing_state.safetensors``) and the recipe (``shearing_config.json``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, directory / STATE_FILE)
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / STATE_FILE), metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(self.config.to_json() + "\n")
 
     def load(self, directory: str | Path) -> None:
         """Load what :meth:`save` wrote into this module."""
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-        self.load_state_dict(state)
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(directory) / STATE_FILE))
+        device = next(iter(self.parameters())).device
+        self.load_state_dict({k: v.to(device) for k, v in state.items()})

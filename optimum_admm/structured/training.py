@@ -5,7 +5,7 @@ one AdamW with three parameter groups: the model weights (``args.learning_rate``
 (``gate_learning_rate``, no weight decay) and the Lagrange multipliers (``lambda_learning_rate``, ascent through
 their gradient-negating hooks). The Lagrangian enters the loss through the module's output hook; the logs carry the
 expected shape vs the target, the multipliers and how binary the gates are (keys ``shear/...``). The gates are saved
-beside every checkpoint (``shearing_state.pt``).
+beside every checkpoint (``shearing_state.safetensors``).
 
 :class:`ShearingCallback` gives the same training to any existing ``Trainer`` (when subclassing is not possible): it
 attaches the gates, keeps the warm-up in step, steps its own AdamW for gates and multipliers right after the
@@ -23,13 +23,14 @@ Example:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from .configuration import ShearingConfig
-from .gating import ShearingModule
+from .gating import STATE_FILE, ShearingModule
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +158,16 @@ class ShearingTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict)
         self.shearing.save(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """``train(resume_from_checkpoint=...)``: the weights as the Trainer loads them, then the gate logits and
+        multipliers saved beside them (the optimiser state of all three groups is restored by the Trainer)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        directory = Path(resume_from_checkpoint)
+        if not (directory / STATE_FILE).is_file():
+            raise ValueError(
+                f"resume_from_checkpoint={str(resume_from_checkpoint)!r} holds no {STATE_FILE}: it was not written by "
+                "a ShearingTrainer, so the gates and multipliers cannot be restored"
+            )
+        self.shearing.load(directory)
+        logger.info("restored the shearing gates and multipliers from %s", directory)
