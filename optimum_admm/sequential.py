@@ -90,9 +90,9 @@ def _capture_inputs(
 ) -> _BlockInputs:
     """Record the first block's hidden states for every batch and each block's keyword arguments.
 
-    The first batch runs through the whole (dense) model so that every block's own arguments are seen (models such
-    as Gemma 3 give sliding-window and global layers different masks and rotary tables); the other batches stop at
-    the first block. Keyword arguments must not depend on the sample, which holds for unpadded windows.
+    The first batch runs through every (dense) block so that every block's own arguments are seen (models such
+    as Gemma 3 give sliding-window and global layers different masks and rotary tables) and stops after the last
+    one; the other batches stop at the first block. Keyword arguments must not depend on the sample, which holds for unpadded windows.
     """
     hidden: list[torch.Tensor] = []
     arguments: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * len(blocks)
@@ -117,7 +117,11 @@ def _capture_inputs(
 
         return hook
 
+    def stop_after_last_block(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _StopForward  # the final norm and the head are not needed (and a tied head reads the whole embedding)
+
     handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    handles.append(blocks[-1].register_forward_hook(stop_after_last_block))
     device = _model_input_device(model)
     try:
         for index, batch in enumerate(batches):
