@@ -149,3 +149,29 @@ def test_resume_from_a_checkpoint_without_gates_is_refused(tmp_path, train_data)
     )
     with pytest.raises(ValueError, match="holds no shearing_state.safetensors"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+
+
+def test_gate_and_multiplier_gradients_are_per_step(tmp_path, train_data):
+    """Each optimiser step sees only its own step's gradient (the Trainer zeroes model gradients only)."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            lam = trainer.shearing.lagrangian.lambda_1["layer"]
+            metrics = trainer.shearing.last_metrics
+            gap = metrics["shear/expected_sparsity/layer"] - metrics["shear/target_sparsity/layer"]
+            seen.append((float(lam.grad), gap))
+
+    trainer = ShearingTrainer(
+        model=build_tiny_model("mistral-gqa"),
+        args=_args(tmp_path, max_steps=4, lr_scheduler_type="constant"),
+        shearing_config=TARGET,
+        train_dataset=train_data,
+        callbacks=[Spy()],
+    )
+    trainer.train()
+    assert len(seen) == 4
+    for grad, gap in seen:  # d/dlambda_1 of lambda_1 * (s - t), negated for ascent: this step's -(s - t)
+        assert grad == pytest.approx(-gap, abs=1e-6)

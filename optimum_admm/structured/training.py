@@ -86,7 +86,9 @@ class ShearingCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.optimizer is not None:
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        # The Trainer zeroes only the model's gradients: the gates and multipliers are not model parameters, and
+        # without this their gradients would accumulate over all steps (and the multipliers would never turn).
+        self.shearing.zero_grad(set_to_none=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and self.shearing.last_metrics:
