@@ -231,18 +231,20 @@ def _prune_block(model, block, layers, inputs, index, config, method, report, ti
         stage_groups = [g for g in groups if g[0] in stage]
         grams = _accumulate_grams(block, layers, stage_groups, inputs, index, device, timings)
         for name in stage:
-            accumulator = grams[name]
+            # The dict holds the only references: a group's Gram is freed once its last layer is pruned.
+            accumulator = grams.pop(name)
             if accumulator.num_tokens == 0:
                 unpruned.append(name)
                 continue
             with onloaded(model, name) as module:
                 row = _prune_layer(name, module, accumulator.gram, config, method)
-            if accumulator.gram.device.type == "cpu":
-                release_freed_host_memory()
             row.num_tokens = accumulator.num_tokens
+            on_cpu = accumulator.gram.device.type == "cpu"
+            del accumulator
+            if on_cpu:
+                release_freed_host_memory()
             report.layers.append(row)
             timings["solve"] += row.seconds
-        del grams
     start = time.perf_counter()
     inputs.hidden = list(_run_block(block, inputs, index, device, inputs.storage))
     timings["forward"] += time.perf_counter() - start
