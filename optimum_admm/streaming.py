@@ -86,8 +86,14 @@ def checkpoint_weight_map(source: str | os.PathLike) -> dict[str, str]:
         return dict.fromkeys(handle.keys(), single.name)
 
 
-def _load_tensors(model: nn.Module, source: Path, weight_map: dict[str, str], names: list[str], device) -> float:
-    """Read ``names`` from the shards onto ``device`` into the skeleton; returns the seconds spent."""
+def _load_tensors(
+    model: nn.Module, source: Path, weight_map: dict[str, str], names: list[str], device, page_in: bool = True
+) -> float:
+    """Read ``names`` from the shards onto ``device`` into the skeleton; returns the seconds spent.
+
+    ``page_in=False`` leaves CPU tensors mapped lazily: the embedding, of which a forward reads only the rows of the
+    calibration tokens, is loaded that way.
+    """
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
 
@@ -99,7 +105,7 @@ def _load_tensors(model: nn.Module, source: Path, weight_map: dict[str, str], na
         with safe_open(str(source / file), framework="pt", device=str(device)) as handle:
             for key in keys:
                 value = handle.get_tensor(key)
-                if value.device.type == "cpu":
+                if page_in and value.device.type == "cpu":
                     _page_in(value)
                 set_module_tensor_to_device(model, key, device, value=value)
     return time.perf_counter() - start
@@ -252,7 +258,7 @@ def prune_checkpoint(
     tmp.mkdir(parents=True)
     total = len(blocks) + 1
     try:
-        result.load_seconds += _load_tensors(model, source, weight_map, other_keys, device)
+        result.load_seconds += _load_tensors(model, source, weight_map, other_keys, device, page_in=False)
         model.tie_weights()
         state, first = None, 0
         if checkpoint_dir is not None:

@@ -10,8 +10,8 @@
 
 Writes ``results/shearing-smollm2-135m.json`` and ``results/expected-shape.png``.
 
-Run (about 12 minutes on 2 shared cores, nice 10):
-    nice -n 10 python benchmarks/shearing/run_shearing.py
+Run (about 5 minutes on 2 cores):
+    python benchmarks/shearing/run_shearing.py --threads 2
 """
 
 from __future__ import annotations
