@@ -5,7 +5,8 @@ either), then prunes it with :func:`optimum_admm.streaming.prune_checkpoint` in 
 
 * its peak RSS (``getrusage``) against the budget ``1.10 * (baseline + one block + activations + statistics)``:
   ``baseline`` is the child's RSS with Python, torch, transformers and the model's code imported (a ``meta``
-  skeleton built, no weights) before any work, ``statistics`` the Gram
+  skeleton built, no weights) and one small matrix product run (thread pool, BLAS buffers), before any work;
+  ``statistics`` the Gram
   matrices alive at once (``3 h^2 + m^2`` floats: q/k/v, o, gate/up and down inputs);
 * the wall time and its split between loading (reading the block's tensors from the shards), computing (forwards,
   statistics, the solve) and writing (the output shards).
@@ -104,6 +105,8 @@ def child(args) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     with init_empty_weights():  # the baseline includes the model's code (imports), not its weights
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.source))
+    # ... and the compute runtime's own start-up (OpenMP thread pool, BLAS buffers): one small product.
+    torch.randn(256, 256) @ torch.randn(256, 256)
     baseline = _rss_bytes()
     ids = torch.randint(
         0, args.vocab, (args.num_samples, args.sequence_length), generator=torch.Generator().manual_seed(0)

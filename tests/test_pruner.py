@@ -246,3 +246,17 @@ def test_block_inputs_replay_the_model_exactly(tiny_model_name, tokenizer, corpu
             torch.testing.assert_close(torch.cat(inputs.hidden), expected[index], rtol=1e-5, atol=1e-5)
             inputs.hidden = list(_run_block(blocks[index], inputs, index, torch.device("cpu"), torch.device("cpu")))
     assert hook_counts(model) == hooks_before
+
+
+def test_block_arguments_agree_within_float_rounding_only():
+    """Rotary tables recomputed per sample may differ in the last bit (threaded BLAS); anything more is refused."""
+    from optimum_admm.sequential import _same
+
+    cos = torch.linspace(-1, 1, 64).reshape(1, 8, 8)
+    assert _same(
+        ((), {"position_embeddings": (cos, cos)}), ((), {"position_embeddings": (cos.nextafter(cos + 1), cos)})
+    )
+    assert not _same(((), {"position_embeddings": (cos, cos)}), ((), {"position_embeddings": (cos + 1e-3, cos)}))
+    positions = torch.arange(8)[None]
+    assert not _same(((), {"position_ids": positions}), ((), {"position_ids": positions + 1}))
+    assert not _same(((), {"position_ids": positions}), ((), {"position_ids": positions.float()}))
