@@ -316,7 +316,7 @@ def test_shear_bad_arguments_exit_2_before_loading_the_model(args, message, dens
 
 
 def test_inline_target_config_takes_every_shearing_config_field():
-    from optimum_admm.commands.admm import _shearing_config
+    from optimum_admm.commands.shear import _shearing_config
     from optimum_admm.structured import ShearingConfig
 
     config = _shearing_config(

@@ -1,0 +1,95 @@
+"""argparse types and helpers shared by the ``optimum-cli admm`` subcommands (no heavy imports)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_NAMED_DATASETS = ("wikitext2", "c4")
+
+
+class _RegisteredMethods:
+    """argparse ``choices`` that read :func:`optimum_admm.registry.registered_methods` only when first needed."""
+
+    def _names(self) -> list[str]:
+        from ..registry import registered_methods
+
+        return sorted(registered_methods())
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: an integer >= 1")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; allowed: a number in [0, 1)")
+    return value
+
+
+def _pattern(text: str) -> str:
+    from ..configuration import parse_nm
+
+    try:
+        nm = parse_nm(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+def _dataset(text: str) -> str:
+    if text in _NAMED_DATASETS or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a named dataset ({', '.join(_NAMED_DATASETS)}) nor an existing text file"
+    )
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing file")
+    return text
+
+
+def _dataset_key(dataset: str) -> str:
+    """The name a dataset argument is recorded under (a file is recorded by its file name, never its path)."""
+    return dataset if dataset in _NAMED_DATASETS else Path(dataset).name
+
+
+def _texts(dataset: str) -> Any:
+    """What :func:`optimum_admm.evaluation.perplexity` takes: a named benchmark, or a file's text as a list."""
+    return dataset if dataset in _NAMED_DATASETS else [Path(dataset).read_text(encoding="utf-8")]
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: a finite number > 0")
+    return value

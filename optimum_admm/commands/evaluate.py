@@ -1,0 +1,64 @@
+"""``optimum-cli admm evaluate``: the perplexity of a (pruned) causal LM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+from ._arguments import (
+    _dataset,
+    _dataset_key,
+    _positive_int,
+    _texts,
+)
+
+__all__ = ["EvaluateCommand"]
+
+
+class EvaluateCommand(BaseOptimumCLICommand):
+    """``admm evaluate``: perplexity of a (pruned) model."""
+
+    COMMAND = CommandInfo(name="evaluate", help="Measure the perplexity of a (pruned) causal LM.")
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, help="Hub id or local directory of the model.")
+        parser.add_argument(
+            "--dataset",
+            type=_dataset,
+            default="wikitext2",
+            help="'wikitext2' (default), 'c4' or a local text file.",
+        )
+        parser.add_argument("--sequence-length", type=_positive_int, default=2048, help="Window length (2048).")
+        parser.add_argument("--max-tokens", type=_positive_int, default=None, help="Evaluate the first N tokens.")
+        parser.add_argument("--batch-size", type=_positive_int, default=1, help="Windows per forward pass (1).")
+        parser.add_argument("--device-map", default=None, help="Passed to from_pretrained ('auto', 'cpu', ...).")
+        parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
+
+    def run(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..evaluation import perplexity
+
+        args = self.args
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", device_map=args.device_map).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        sequence_length = min(args.sequence_length, limit) if isinstance(limit, int) else args.sequence_length
+        result = perplexity(
+            model,
+            tokenizer,
+            _texts(args.dataset),
+            sequence_length=sequence_length,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+        )
+        if args.json:
+            print(json.dumps({"model": args.model, "dataset": _dataset_key(args.dataset), **result.to_dict()}))
+        else:
+            print(
+                f"perplexity on {_dataset_key(args.dataset)}: {result.perplexity:.4f} "
+                f"({result.num_tokens} tokens, {result.num_windows} windows of {result.sequence_length})"
+            )
