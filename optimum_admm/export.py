@@ -20,7 +20,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,41 @@ def _write_contents(
         card.save(staging / "README.md")
 
 
+@contextlib.contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A fresh directory beside ``target`` to write into; it becomes ``target`` only when the block completes.
+
+    On success an existing ``target`` is moved aside, the staging directory renamed into place and the old content
+    dropped; on any exception (Ctrl-C included) the staging directory is removed and ``target`` is left as it was.
+    So an interrupted save never leaves a directory that looks complete.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "model"
+        >>> with staged_directory(out) as staging:
+        ...     _ = (staging / "config.json").write_text("{}")
+        >>> sorted(p.name for p in out.iterdir())
+        ['config.json']
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # the usual permissions, not mkdtemp's private 0o700
+    try:
+        yield staging
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(backup)
+            staging.rename(target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save_pruned(
     model: nn.Module,
     tokenizer: Any,
@@ -304,9 +339,7 @@ def save_pruned(
             raise ValueError(f"{name}={value!r} is invalid; allowed: a non-empty string or None")
     card_kwargs = {"base_model": base_model, "license": license, "repo_id": repo_id} if model_card else None
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         _write_contents(
             staging,
             model,
@@ -318,15 +351,5 @@ def save_pruned(
             evaluation_results=evaluation_results,
             card_kwargs=card_kwargs,
         )
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(backup)
-            staging.rename(target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("saved the pruned model to %s", target)
     return target

@@ -33,7 +33,7 @@ from . import resume
 from .activations import check_activation_storage, resolve_storage, stash
 from .calibration import CalibrationSource, describe_source, get_calibration_data
 from .configuration import PruningConfig
-from .export import PRUNING_CONFIG_NAME, check_save_dir, pruning_metadata
+from .export import PRUNING_CONFIG_NAME, check_save_dir, pruning_metadata, staged_directory
 from .memory import MaxMemory, release_freed_host_memory
 from .modeling import find_decoder_blocks, find_prunable_layers
 from .registry import get_method
@@ -253,11 +253,8 @@ def prune_checkpoint(
     result = StreamingResult(report=None, save_dir=target)
     report = PruningReport(method=config.method, config=config.to_dict(), calibration=calibration)
     timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     total = len(blocks) + 1
-    try:
+    with staged_directory(target) as tmp:
         result.load_seconds += _load_tensors(model, source, weight_map, other_keys, device, page_in=False)
         model.tie_weights()
         state, first = None, 0
@@ -325,12 +322,6 @@ def prune_checkpoint(
         if unpruned:
             raise RuntimeError(f"{len(unpruned)} targeted layers received no calibration input: {unpruned[:5]}")
         result.write_seconds += _write_rest(model, source, tmp, other_keys, block_keys, result, total, config, report)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.forward_seconds = timings["forward"] - timings["statistics"]
     report.statistics_seconds, report.solve_seconds = timings["statistics"], timings["solve"]
     report.total_seconds = time.perf_counter() - started

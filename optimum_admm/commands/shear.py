@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +192,8 @@ class ShearCommand(BaseOptimumCLICommand):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..calibration import load_named_texts
+        from ..export import staged_directory
         from ..structured.api import pack_tokens, shear
-        from ..zoo import _make_readable
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         if args.dataset in _NAMED_DATASETS:
@@ -216,9 +213,7 @@ class ShearCommand(BaseOptimumCLICommand):
         )
         before = _count_parameters(model)
         target = Path(args.output).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with staged_directory(target) as staging:
             result = shear(
                 model,
                 config,
@@ -234,17 +229,6 @@ class ShearCommand(BaseOptimumCLICommand):
                 dataloader_pin_memory=torch.cuda.is_available(),
             )
             tokenizer.save_pretrained(staging)
-            _make_readable(staging)
-            if target.exists():  # --overwrite: swap the finished directory in, then drop the old one
-                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-                target.rename(backup)
-                staging.rename(target)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         after = _count_parameters(result.model)
         shape = ", ".join(f"{name} {plan.source[name]} -> {plan.target[name]}" for name in plan.source)
         print(f"shape: {shape}")
