@@ -200,6 +200,11 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("OPTIMUM_ADMM_RUN_SLOW"),
+    reason="gloo DDP has hung intermittently on shared CI machines (see the issue notes); OPTIMUM_ADMM_RUN_SLOW=1",
+)
 def test_keep_sparse_under_ddp(pruned_model, train_data, monkeypatch):
     """One-process gloo DDP: the hooks run before the reducer, so the all-reduced gradient is already masked."""
     import torch.distributed as dist
