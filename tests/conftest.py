@@ -182,3 +182,15 @@ def build_tiny_model(name: str, seed: int = 0):
 @pytest.fixture(params=sorted(TINY_MODELS))
 def tiny_model_name(request) -> str:
     return request.param
+
+
+def interrupt_at_block(monkeypatch, module, block: int) -> None:
+    """Make ``module._prune_block`` (the driver's or streaming's) raise KeyboardInterrupt when it reaches ``block``."""
+    real = module._prune_block
+
+    def failing(model, block_module, layers, inputs, index, *args):
+        if index == block:
+            raise KeyboardInterrupt
+        return real(model, block_module, layers, inputs, index, *args)
+
+    monkeypatch.setattr(module, "_prune_block", failing)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_text
+from conftest import build_tiny_model, interrupt_at_block, make_text
 
 import optimum_admm.sequential as sequential
 from optimum_admm import ADMMConfig, ADMMPruner
@@ -23,17 +23,6 @@ TESTS = Path(__file__).parent
 def _prune(model, tokenizer, text, checkpoint_dir=None, **config):
     pruner = ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=ADMMConfig(**{**FAST, **config}))
     return pruner.prune(calibration_dataset=[text], show_progress=False, checkpoint_dir=checkpoint_dir)
-
-
-def _interrupt_at(monkeypatch, block: int) -> None:
-    real = sequential._prune_block
-
-    def failing(model, block_module, layers, inputs, index, *args):
-        if index == block:
-            raise KeyboardInterrupt
-        return real(model, block_module, layers, inputs, index, *args)
-
-    monkeypatch.setattr(sequential, "_prune_block", failing)
 
 
 def _tree_hash(directory: Path) -> str:
@@ -50,7 +39,7 @@ def test_exception_then_resume_is_identical(family, tokenizer, corpus_text, tmp_
     expected_report = _prune(reference, tokenizer, corpus_text)
     checkpoint = tmp_path / "ckpt"
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, block=1)
+        interrupt_at_block(patch, sequential, block=1)
         with pytest.raises(KeyboardInterrupt):
             _prune(build_tiny_model(family), tokenizer, corpus_text, checkpoint)
     assert (checkpoint / "block-00000.safetensors").exists() and not (checkpoint / "block-00001.safetensors").exists()
@@ -66,7 +55,7 @@ def test_exception_then_resume_is_identical(family, tokenizer, corpus_text, tmp_
 def test_changed_config_or_data_refuses_to_resume(tokenizer, corpus_text, tmp_path, monkeypatch):
     checkpoint = tmp_path / "ckpt"
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, block=1)
+        interrupt_at_block(patch, sequential, block=1)
         with pytest.raises(KeyboardInterrupt):
             _prune(build_tiny_model("llama"), tokenizer, corpus_text, checkpoint)
     with pytest.raises(ValueError, match=r"config\.sparsity: 0\.5 -> 0\.6"):

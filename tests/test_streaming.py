@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, interrupt_at_block
 from transformers import AutoModelForCausalLM
 
+import optimum_admm.streaming as streaming
 from optimum_admm import ADMMConfig, ADMMPruner, MagnitudeConfig
 from optimum_admm.streaming import checkpoint_weight_map, prune_checkpoint
 
@@ -64,19 +65,6 @@ def _save_source(family, tokenizer, directory):
     return {p.name: p.read_bytes() for p in directory.iterdir()}
 
 
-def _interrupt_streaming_at(monkeypatch, block: int) -> None:
-    import optimum_admm.streaming as streaming
-
-    real = streaming._prune_block
-
-    def failing(model, block_module, layers, inputs, index, *args):
-        if index == block:
-            raise KeyboardInterrupt
-        return real(model, block_module, layers, inputs, index, *args)
-
-    monkeypatch.setattr(streaming, "_prune_block", failing)
-
-
 def test_streaming_interrupted_then_resumed_is_identical(tokenizer, corpus_text, tmp_path, monkeypatch):
     """Interrupted at block 2 of 3, the same call continues from block 2 and writes the uninterrupted output."""
     source = tmp_path / "source"
@@ -86,14 +74,13 @@ def test_streaming_interrupted_then_resumed_is_identical(tokenizer, corpus_text,
 
     checkpoint, out = tmp_path / "ckpt", tmp_path / "out"
     with monkeypatch.context() as patch:
-        _interrupt_streaming_at(patch, block=2)
+        interrupt_at_block(patch, streaming, block=2)
         with pytest.raises(KeyboardInterrupt):
             prune_checkpoint(source, out, config, [corpus_text], show_progress=False, checkpoint_dir=checkpoint)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # nothing that looks complete
     assert sorted(p.name for p in checkpoint.glob("block-*")) == ["block-00000.safetensors", "block-00001.safetensors"]
 
     calls = []
-    import optimum_admm.streaming as streaming
 
     real = streaming._prune_block
     monkeypatch.setattr(streaming, "_prune_block", lambda *a: calls.append(a[4]) or real(*a))
@@ -113,7 +100,7 @@ def test_streaming_resume_refuses_a_changed_recipe_or_checkpoint(tokenizer, corp
     _save_source("llama", tokenizer, source)
     checkpoint = tmp_path / "ckpt"
     with monkeypatch.context() as patch:
-        _interrupt_streaming_at(patch, block=1)
+        interrupt_at_block(patch, streaming, block=1)
         with pytest.raises(KeyboardInterrupt):
             prune_checkpoint(
                 source, tmp_path / "out", ADMMConfig(**FAST), [corpus_text], show_progress=False,
