@@ -53,7 +53,7 @@ def num_pruned(numel: int, sparsity: float) -> int:
     return min(numel, int(math.floor(numel * sparsity + 1e-6)))
 
 
-_CHUNK = 1 << 20  # elements per chunk of rows in row-independent selection (4 MiB of fp32 scores)
+_CHUNK = 1 << 18  # elements per chunk of rows in row-independent selection (1 MiB of fp32 scores)
 
 
 def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tensor:

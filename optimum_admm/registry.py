@@ -1,6 +1,8 @@
 """Which algorithm prunes a layer for which config type. The driver never asks which method it runs.
 
-Adding a method is one config class, one algorithm module and one :func:`register_method` call.
+Adding a method is one config class, one algorithm module and one :func:`register_method` call. A method that only
+removes weights (no update of the others) may also register its keep-mask function: the driver then zeroes the
+pruned weights in place, without a pruned copy of the layer, which lowers the peak memory of large layers.
 """
 
 from __future__ import annotations
@@ -9,19 +11,36 @@ from collections.abc import Callable
 
 import torch
 
-from .algorithms import admm_prune, magnitude_prune, sparsegpt_prune, wanda_prune
+from .algorithms import admm_prune, magnitude_mask, magnitude_prune, sparsegpt_prune, wanda_mask, wanda_prune
 from .configuration import ADMMConfig, MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
 
-__all__ = ["LayerPruneFn", "register_method", "get_method", "config_class_for", "registered_methods"]
+__all__ = [
+    "LayerMaskFn",
+    "LayerPruneFn",
+    "register_method",
+    "get_method",
+    "get_mask_method",
+    "config_class_for",
+    "registered_methods",
+]
 
 #: ``fn(weight (out, in), gram (in, in) or None, config) -> pruned weight``.
 LayerPruneFn = Callable[[torch.Tensor, "torch.Tensor | None", PruningConfig], torch.Tensor]
 
+#: ``fn(weight (out, in), gram (in, in) or None, config) -> keep mask`` (bool, the weight's shape): for methods
+#: whose pruned weight is ``weight.masked_fill(~keep, 0)``.
+LayerMaskFn = Callable[[torch.Tensor, "torch.Tensor | None", PruningConfig], torch.Tensor]
+
 _METHODS: dict[type[PruningConfig], LayerPruneFn] = {}
+_MASKS: dict[type[PruningConfig], LayerMaskFn] = {}
 
 
-def register_method(config_cls: type[PruningConfig], fn: LayerPruneFn) -> None:
+def register_method(config_cls: type[PruningConfig], fn: LayerPruneFn, *, mask_fn: LayerMaskFn | None = None) -> None:
     """Register the layer-pruning function run for configs of type ``config_cls``.
+
+    ``mask_fn``, for methods that only remove weights, returns the keep-mask ``fn`` applies; when given, the driver
+    calls it instead of ``fn`` and zeroes the weight in place (``fn`` must then equal
+    ``weight.masked_fill(~mask_fn(...), 0)``).
 
     Example:
         >>> from optimum_admm.registry import get_method
@@ -31,7 +50,13 @@ def register_method(config_cls: type[PruningConfig], fn: LayerPruneFn) -> None:
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, PruningConfig)):
         raise ValueError(f"config_cls={config_cls!r} is invalid; allowed: a PruningConfig subclass")
+    if mask_fn is not None and not callable(mask_fn):
+        raise ValueError(f"mask_fn={mask_fn!r} is invalid; allowed: a callable or None")
     _METHODS[config_cls] = fn
+    if mask_fn is None:
+        _MASKS.pop(config_cls, None)
+    else:
+        _MASKS[config_cls] = mask_fn
 
 
 def get_method(config: PruningConfig) -> LayerPruneFn:
@@ -43,6 +68,20 @@ def get_method(config: PruningConfig) -> LayerPruneFn:
         f"config of type {type(config).__name__} has no registered method; registered: "
         f"{sorted(c.__name__ for c in _METHODS)}"
     )
+
+
+def get_mask_method(config: PruningConfig) -> LayerMaskFn | None:
+    """The keep-mask function registered with the method for ``config``, or ``None`` (the method updates weights).
+
+    Example:
+        >>> from optimum_admm import ADMMConfig, WandaConfig
+        >>> get_mask_method(ADMMConfig()) is None, callable(get_mask_method(WandaConfig()))
+        (True, True)
+    """
+    for cls in type(config).__mro__:
+        if cls in _METHODS:
+            return _MASKS.get(cls)
+    return None
 
 
 def registered_methods() -> dict[str, type[PruningConfig]]:
@@ -83,11 +122,19 @@ def _wanda(weight: torch.Tensor, gram: torch.Tensor | None, config: WandaConfig)
     return wanda_prune(weight, gram, config.sparsity, nm=config.nm, per_output=config.per_output)
 
 
+def _wanda_mask(weight: torch.Tensor, gram: torch.Tensor | None, config: WandaConfig) -> torch.Tensor:
+    return wanda_mask(weight, gram, config.sparsity, nm=config.nm, per_output=config.per_output)
+
+
 def _magnitude(weight: torch.Tensor, gram: torch.Tensor | None, config: MagnitudeConfig) -> torch.Tensor:
     return magnitude_prune(weight, config.sparsity, nm=config.nm, per_output=config.per_output)
 
 
+def _magnitude_mask(weight: torch.Tensor, gram: torch.Tensor | None, config: MagnitudeConfig) -> torch.Tensor:
+    return magnitude_mask(weight, config.sparsity, nm=config.nm, per_output=config.per_output)
+
+
 register_method(ADMMConfig, _admm)
 register_method(SparseGPTConfig, _sparsegpt)
-register_method(WandaConfig, _wanda)
-register_method(MagnitudeConfig, _magnitude)
+register_method(WandaConfig, _wanda, mask_fn=_wanda_mask)
+register_method(MagnitudeConfig, _magnitude, mask_fn=_magnitude_mask)

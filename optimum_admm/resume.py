@@ -52,7 +52,8 @@ class CheckpointState:
 def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
     tensor = tensor.detach().cpu().contiguous()
     digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
-    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    if tensor.numel():
+        digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy of a large embedding
 
 
 def fingerprint(model: nn.Module, config_dict: dict[str, Any], batches: list[torch.Tensor] | None) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from .configuration import PruningConfig
 from .memory import MaxMemory, release_freed_host_memory
 from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
 from .offload import onloaded
-from .registry import get_method
+from .registry import get_mask_method, get_method
 from .reporting import LayerReport, PruningReport
-from .stats import GramAccumulator, relative_reconstruction_error
+from .stats import GramAccumulator, masked_reconstruction_error, relative_reconstruction_error
 
 __all__ = ["prune_model"]
 
@@ -88,13 +88,19 @@ def _model_input_device(model: nn.Module) -> torch.device:
 
 
 def _capture_inputs(
-    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], storage: Storage
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: list[torch.Tensor],
+    storage: Storage,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> _BlockInputs:
     """Record the first block's hidden states for every batch and each block's keyword arguments.
 
     The first batch runs through every (dense) block so that every block's own arguments are seen (models such
     as Gemma 3 give sliding-window and global layers different masks and rotary tables) and stops after the last
-    one; the other batches stop at the first block. Keyword arguments must not depend on the sample, which holds for unpadded windows.
+    one; the other batches stop at the first block. Keyword arguments must not depend on the sample, which holds
+    for unpadded windows. ``embed``, when given, turns a batch of token ids into the ``inputs_embeds`` the model is
+    called with (streaming mode embeds with only the embedding rows the calibration tokens use).
     """
     hidden: list[torch.Tensor] = []
     arguments: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * len(blocks)
@@ -129,7 +135,10 @@ def _capture_inputs(
         for index, batch in enumerate(batches):
             state["full"] = index == 0
             with contextlib.suppress(_StopForward):
-                model(input_ids=batch.to(device), use_cache=False)
+                if embed is None:
+                    model(input_ids=batch.to(device), use_cache=False)
+                else:
+                    model(inputs_embeds=embed(batch), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -209,9 +218,20 @@ def _accumulate_grams(block, layers, groups, inputs, index, device, timings) -> 
 def _prune_layer(name: str, module: nn.Module, gram: torch.Tensor | None, config, method) -> LayerReport:
     start = time.perf_counter()
     dense = get_weight_matrix(module)
-    pruned = method(dense, gram, config)
-    error = None if gram is None else relative_reconstruction_error(dense, pruned, gram)
-    set_weight_matrix(module, pruned)
+    mask_method = get_mask_method(config)
+    if mask_method is not None:
+        # A method that only removes weights: zero them in place, a chunk of rows at a time (no pruned copy).
+        keep = mask_method(dense, gram, config)
+        error = None if gram is None else masked_reconstruction_error(dense, keep, gram)
+        rows = max(1, (1 << 18) // max(1, dense.shape[1]))
+        for first in range(0, dense.shape[0], rows):
+            dense[first : first + rows].masked_fill_(~keep[first : first + rows], 0)
+        del keep
+    else:
+        pruned = method(dense, gram, config)
+        error = None if gram is None else relative_reconstruction_error(dense, pruned, gram)
+        set_weight_matrix(module, pruned)
+        del pruned
     if dense.is_cuda:
         torch.cuda.synchronize(dense.device)
     seconds = time.perf_counter() - start

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GramAccumulator", "relative_reconstruction_error"]
+__all__ = ["GramAccumulator", "relative_reconstruction_error", "masked_reconstruction_error"]
 
 
 class GramAccumulator:
@@ -41,13 +41,43 @@ def relative_reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gra
         0.8
     """
     numerator = denominator = 0.0
-    # Row chunks of about 1M elements: the workspace stays small next to the layer however wide it is.
-    rows = max(1, (1 << 20) // max(1, dense.shape[1]))
-    for start in range(0, dense.shape[0], rows):
-        w0 = dense[start : start + rows].to(device=gram.device, dtype=torch.float32)
-        delta = pruned[start : start + rows].to(device=gram.device, dtype=torch.float32) - w0
-        numerator += float(((delta @ gram) * delta).sum())
-        denominator += float(((w0 @ gram) * w0).sum())
+    for start, stop in _row_chunks(dense):
+        w0 = dense[start:stop].to(device=gram.device, dtype=torch.float32)
+        delta = pruned[start:stop].to(device=gram.device, dtype=torch.float32) - w0
+        numerator += _quadratic_form(delta, gram)
+        denominator += _quadratic_form(w0, gram)
+    return _ratio(numerator, denominator)
+
+
+def masked_reconstruction_error(dense: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) -> float:
+    """:func:`relative_reconstruction_error` of ``dense.masked_fill(~keep, 0)``, without building that copy.
+
+    Example:
+        >>> w0 = torch.tensor([[1.0, 2.0]])
+        >>> round(masked_reconstruction_error(w0, torch.tensor([[True, False]]), torch.eye(2)), 6)
+        0.8
+    """
+    numerator = denominator = 0.0
+    for start, stop in _row_chunks(dense):
+        w0 = dense[start:stop].to(device=gram.device, dtype=torch.float32)
+        removed = w0.masked_fill(keep[start:stop].to(gram.device), 0)  # pruned - w0 = -removed
+        numerator += _quadratic_form(removed, gram)
+        denominator += _quadratic_form(w0, gram)
+    return _ratio(numerator, denominator)
+
+
+def _row_chunks(weight: torch.Tensor) -> list[tuple[int, int]]:
+    # Row chunks of about 256K elements: the workspace stays small next to the layer however wide it is.
+    rows = max(1, (1 << 18) // max(1, weight.shape[1]))
+    return [(start, min(start + rows, weight.shape[0])) for start in range(0, weight.shape[0], rows)]
+
+
+def _quadratic_form(rows: torch.Tensor, gram: torch.Tensor) -> float:
+    """``sum_i r_i G r_i^T`` over the rows ``r_i``."""
+    return float(((rows @ gram) * rows).sum())
+
+
+def _ratio(numerator: float, denominator: float) -> float:
     if denominator <= 0:
         return 0.0 if numerator <= 0 else float("inf")
     return float(numerator / denominator)

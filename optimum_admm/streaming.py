@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -86,25 +87,60 @@ def checkpoint_weight_map(source: str | os.PathLike) -> dict[str, str]:
         return dict.fromkeys(handle.keys(), single.name)
 
 
-def _load_tensors(
-    model: nn.Module, source: Path, weight_map: dict[str, str], names: list[str], device, page_in: bool = True
-) -> float:
+@dataclass
+class _Checkpoint:
+    """A source checkpoint directory with its tensors under the names the model gives them."""
+
+    directory: Path
+    files: dict[str, str]  # model tensor name -> shard file
+    stored: dict[str, str]  # model tensor name -> its name in the shard (differs where transformers renames on load)
+
+    def open(self, key: str, device: torch.device | str = "cpu") -> Any:
+        from safetensors import safe_open
+
+        return safe_open(str(self.directory / self.files[key]), framework="pt", device=str(device))
+
+
+def _model_names(model: nn.Module, stored_names: list[str]) -> dict[str, str]:
+    """``{model tensor name: stored name}`` through the renamings ``from_pretrained`` applies to checkpoint keys
+    (GPT-NeoX's ``embed_out`` is the model's ``lm_head``, legacy ``gamma``/``beta``, a missing or extra base-model
+    prefix). A tensor that transformers merges or splits on load cannot be streamed as stored: refused."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # a transformers without load-time conversions: the stored names are the model's
+        return {name: name for name in stored_names}
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+    names = {}
+    for stored in stored_names:
+        name, converted = rename_source_key(stored, renamings, converters, model.base_model_prefix, meta_state)
+        if converted is not None:
+            raise ValueError(
+                f"source tensor {stored!r} is invalid for streaming mode; allowed: tensors loaded as stored "
+                f"(transformers converts it on load with pattern {converted!r}); prune the loaded model instead"
+            )
+        names[name] = stored
+    return names
+
+
+def _load_tensors(model: nn.Module, checkpoint: _Checkpoint, names: list[str], device, page_in: bool = True) -> float:
     """Read ``names`` from the shards onto ``device`` into the skeleton; returns the seconds spent.
 
-    ``page_in=False`` leaves CPU tensors mapped lazily: the embedding, of which a forward reads only the rows of the
-    calibration tokens, is loaded that way.
+    ``page_in=False`` leaves CPU tensors mapped lazily (modules a forward may not read, such as an untied head).
     """
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
 
     start = time.perf_counter()
     by_file: dict[str, list[str]] = {}
     for name in names:
-        by_file.setdefault(weight_map[name], []).append(name)
-    for file, keys in by_file.items():
-        with safe_open(str(source / file), framework="pt", device=str(device)) as handle:
+        by_file.setdefault(checkpoint.files[name], []).append(name)
+    for keys in by_file.values():
+        with checkpoint.open(keys[0], device) as handle:
             for key in keys:
-                value = handle.get_tensor(key)
+                value = handle.get_tensor(checkpoint.stored[key])
                 if page_in and value.device.type == "cpu":
                     _page_in(value)
                 set_module_tensor_to_device(model, key, device, value=value)
@@ -155,13 +191,25 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _weight_map_digest(weight_map: dict[str, str]) -> str:
+def _source_digest(checkpoint: _Checkpoint, embedding_key: str | None) -> str:
+    """What identifies the source for resuming: its tensor names and shards, and the input embedding's values
+    (read in chunks of rows: the whole embedding is never held)."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(sorted(weight_map.items())).encode()).hexdigest()[:16]
+    stored = sorted((checkpoint.stored[k], checkpoint.files[k]) for k in checkpoint.files)
+    digest = hashlib.sha256(json.dumps(stored).encode())
+    if embedding_key is not None:
+        with checkpoint.open(embedding_key) as handle:
+            view = handle.get_slice(checkpoint.stored[embedding_key])
+            shape = view.get_shape()
+            rows = max(1, (1 << 22) // max(1, math.prod(shape[1:])))
+            for start in range(0, shape[0], rows):
+                resume._hash_tensor(digest, view[start : start + rows])
+    return digest.hexdigest()[:16]
 
 
-def _skeleton(source: Path, weight_map: dict[str, str]) -> nn.Module:
+def _skeleton(source: Path, weight_map: dict[str, str]) -> tuple[nn.Module, _Checkpoint]:
+    """The model on ``meta`` and the checkpoint with its tensors named as the model names them."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -172,10 +220,12 @@ def _skeleton(source: Path, weight_map: dict[str, str]) -> nn.Module:
     dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
-    unknown = sorted(set(weight_map) - set(model.state_dict()))
+    stored = _model_names(model, list(weight_map))
+    unknown = sorted(stored[name] for name in set(stored) - set(model.state_dict()))
     if unknown:
         raise ValueError(f"source={str(source)!r} holds tensors the model does not name: {unknown[:5]}")
-    return model.eval()
+    files = {name: weight_map[stored_name] for name, stored_name in stored.items()}
+    return model.eval(), _Checkpoint(source, files, stored)
 
 
 def _sequence_length(model: nn.Module, requested: int) -> int:
@@ -228,7 +278,8 @@ def prune_checkpoint(
     weight_map = checkpoint_weight_map(source)
     device, storage = torch.device(execution_device), resolve_storage(storage_device, activation_cache_dir)
     method = get_method(config)
-    model = _skeleton(source, weight_map)
+    model, checkpoint = _skeleton(source, weight_map)
+    weight_map = checkpoint.files
     blocks_name, blocks = find_decoder_blocks(model)
     layers_per_block = find_prunable_layers(
         model, config.targets, config.ignore, blocks, blocks_name, default_targets=type(config)().targets
@@ -254,13 +305,16 @@ def prune_checkpoint(
     report = PruningReport(method=config.method, config=config.to_dict(), calibration=calibration)
     timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
     total = len(blocks) + 1
+    # The input embedding is not loaded for the capture: only its rows that the calibration tokens use are read.
+    embedding_key = _input_embedding_key(model, weight_map)
     with staged_directory(target) as tmp:
-        result.load_seconds += _load_tensors(model, source, weight_map, other_keys, device, page_in=False)
+        early_keys = [k for k in other_keys if batches is None or k != embedding_key]
+        result.load_seconds += _load_tensors(model, checkpoint, early_keys, device, page_in=False)
         model.tie_weights()
         state, first = None, 0
         if checkpoint_dir is not None:
             current = resume.fingerprint(model, report.config, batches)
-            current["source"] = _weight_map_digest(weight_map)
+            current["source"] = _source_digest(checkpoint, embedding_key)
             state = resume.load_state(checkpoint_dir, current) or resume.CheckpointState(current, 0)
             first = state.next_block
             report.layers = list(state.layers)
@@ -273,14 +327,19 @@ def prune_checkpoint(
             if batches is not None and first < len(blocks):
                 start = time.perf_counter()
                 capture = batches if first == 0 else batches[:1]  # on resume: only the blocks' other arguments
+                embed = None
+                if embedding_key is not None and embedding_key not in early_keys:
+                    embed, seconds = _embedding_rows(model, checkpoint, embedding_key, capture, device)
+                    result.load_seconds += seconds
                 inputs = _capture_with_streamed_blocks(
-                    model, blocks, block_keys, capture, source, weight_map, device, storage, result
+                    model, blocks, block_keys, capture, checkpoint, device, storage, result, embed
                 )
+                del embed
                 if first:
                     inputs.hidden = [stash(h, storage) for h in resume.load_inputs(checkpoint_dir, first)]
                 result.compute_seconds += time.perf_counter() - start
             # The embeddings, final norm and head are not needed again until they are written: hold one block only.
-            _free(model, other_keys)
+            _free(model, early_keys)
             model.tie_weights()
             bar = tqdm(
                 range(first, len(blocks)),
@@ -289,7 +348,7 @@ def prune_checkpoint(
                 disable=not show_progress,
             )
             for index in bar:
-                result.load_seconds += _load_tensors(model, source, weight_map, block_keys[index], device)
+                result.load_seconds += _load_tensors(model, checkpoint, block_keys[index], device)
                 start = time.perf_counter()
                 _prune_block(
                     model,
@@ -321,7 +380,9 @@ def prune_checkpoint(
                 release_freed_host_memory()
         if unpruned:
             raise RuntimeError(f"{len(unpruned)} targeted layers received no calibration input: {unpruned[:5]}")
-        result.write_seconds += _write_rest(model, source, tmp, other_keys, block_keys, result, total, config, report)
+        result.write_seconds += _write_rest(
+            model, checkpoint, tmp, other_keys, block_keys, result, total, config, report
+        )
     report.forward_seconds = timings["forward"] - timings["statistics"]
     report.statistics_seconds, report.solve_seconds = timings["statistics"], timings["solve"]
     report.total_seconds = time.perf_counter() - started
@@ -336,27 +397,83 @@ def prune_checkpoint(
     return result
 
 
-def _capture_with_streamed_blocks(model, blocks, block_keys, batches, source, weight_map, device, storage, result):
+def _input_embedding_key(model: nn.Module, weight_map: dict[str, str]) -> str | None:
+    """The checkpoint name of the input embedding matrix, or ``None`` when it cannot be read on its own."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embeddings, nn.Embedding):
+        return None
+    for name, module in model.named_modules():
+        if module is embeddings:
+            key = f"{name}.weight" if name else "weight"
+            return key if key in weight_map else None
+    return None
+
+
+def _row_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering sorted distinct integers: ``[1, 2, 3, 7]`` -> ``[(1, 4), (7, 8)]``."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
+
+
+def _embedding_rows(model, checkpoint, key, batches, device):
+    """An ``embed`` function for the capture that holds only the embedding rows of the calibration tokens.
+
+    A forward through a memory-mapped embedding would page in most of it (tokens are spread over the vocabulary and
+    the kernel maps the pages around each one read), and for large vocabularies the embedding is bigger than a
+    block. The distinct token ids are read with ``safe_open(...).get_slice`` in contiguous runs; the model's own
+    embedding module (with any scaling it applies) embeds each batch through a compact weight of those rows only.
+    Returns the function and the seconds spent reading.
+    """
+    start = time.perf_counter()
+    module = model.get_input_embeddings()
+    rows = torch.unique(torch.cat([batch.reshape(-1) for batch in batches]))  # sorted
+    with checkpoint.open(key) as handle:
+        view = handle.get_slice(checkpoint.stored[key])
+        vocabulary = int(view.get_shape()[0])
+        if int(rows[0]) < 0 or int(rows[-1]) >= vocabulary:
+            bad = int(rows[0]) if int(rows[0]) < 0 else int(rows[-1])
+            raise ValueError(f"calibration token id {bad} is invalid; allowed: 0 to {vocabulary - 1} (the vocabulary)")
+        compact = torch.cat([view[a:b] for a, b in _row_runs(rows.tolist())])
+    compact = nn.Parameter(compact.to(device=device, dtype=module.weight.dtype), requires_grad=False)
+
+    def embed(batch: torch.Tensor) -> torch.Tensor:
+        saved = module._parameters["weight"]
+        module._parameters["weight"] = compact
+        try:
+            return module(torch.searchsorted(rows, batch).to(device))
+        finally:
+            module._parameters["weight"] = saved
+
+    return embed, time.perf_counter() - start
+
+
+def _capture_with_streamed_blocks(model, blocks, block_keys, batches, checkpoint, device, storage, result, embed=None):
     """The driver's input capture, with each block loaded just before its forward and freed just after."""
 
     def load(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if all(p.device.type != "meta" for p in module.parameters()):
                 return  # still loaded: the capture stopped this block's forward on an earlier batch
-            result.load_seconds += _load_tensors(model, source, weight_map, block_keys[index], device)
+            result.load_seconds += _load_tensors(model, checkpoint, block_keys[index], device)
 
         return hook
 
     def free(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             _free(model, block_keys[index])
+            release_freed_host_memory()  # the block's forward temporaries, before the next block is read
 
         return hook
 
     handles = [b.register_forward_pre_hook(load(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(free(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
-        return _capture_inputs(model, blocks, batches, storage)
+        return _capture_inputs(model, blocks, batches, storage, embed)
     finally:
         for handle in handles:
             handle.remove()
@@ -365,10 +482,10 @@ def _capture_with_streamed_blocks(model, blocks, block_keys, batches, source, we
                 _free(model, keys)
 
 
-def _write_rest(model, source, tmp, other_keys, block_keys, result, total, config, report) -> float:
+def _write_rest(model, checkpoint, tmp, other_keys, block_keys, result, total, config, report) -> float:
     """The non-block shard, the index, config/tokenizer files and ``pruning_config.json``."""
     first = f"model-00001-of-{total:05d}.safetensors"
-    result.load_seconds += _load_tensors(model, source, checkpoint_weight_map(source), other_keys, "cpu")
+    result.load_seconds += _load_tensors(model, checkpoint, other_keys, "cpu")
     seconds = _write_shard(model, other_keys, tmp / first)
     _free(model, other_keys)
     weight_map = dict.fromkeys(other_keys, first)
@@ -376,7 +493,7 @@ def _write_rest(model, source, tmp, other_keys, block_keys, result, total, confi
         weight_map.update(dict.fromkeys(keys, shard))
     size = sum((tmp / f).stat().st_size for f in [first, *result.shards])
     (tmp / _INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
-    for path in source.iterdir():
+    for path in checkpoint.directory.iterdir():
         if path.is_file() and not path.name.endswith(".safetensors") and path.name != _INDEX:
             shutil.copy2(path, tmp / path.name)
     metadata = pruning_metadata(config, report)

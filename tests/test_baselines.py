@@ -125,3 +125,96 @@ def test_magnitude_reads_no_calibration_data(tokenizer):
     assert calls == [] and report.calibration == {}
     assert report.sparsity == pytest.approx(0.6, abs=1e-3)
     assert all(row.relative_error is None for row in report.layers)
+
+
+def _mask_only_configs():
+    return [
+        WandaConfig(sparsity=0.5),
+        WandaConfig(sparsity=0.6, per_output=False),
+        WandaConfig(mask_structure="2:4"),
+        MagnitudeConfig(sparsity=0.7),
+        MagnitudeConfig(sparsity=0.5, per_output=True),
+        MagnitudeConfig(mask_structure="4:8"),
+    ]
+
+
+@pytest.mark.parametrize("config", _mask_only_configs(), ids=lambda c: f"{c.method}-{c.sparsity}-{c.mask_structure}")
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_mask_only_methods_zero_weights_in_place_exactly_as_their_functions(config, layout):
+    from transformers.pytorch_utils import Conv1D
+
+    from optimum_admm.modeling import get_weight_matrix
+    from optimum_admm.registry import get_mask_method, get_method
+    from optimum_admm.sequential import _prune_layer
+
+    torch.manual_seed(0)
+    out_features, in_features = 300, 1000  # 262 rows per chunk of 2^18 elements: the in-place fill runs in 2 chunks
+    module = (
+        torch.nn.Linear(in_features, out_features, bias=False)
+        if layout == "linear"
+        else Conv1D(out_features, in_features)
+    )
+    torch.nn.init.normal_(module.weight)
+    x = torch.randn(64, in_features) * torch.linspace(0.1, 3.0, in_features)
+    gram = x.T @ x
+    dense = get_weight_matrix(module).clone()
+    expected = get_method(config)(dense.clone(), gram, config)
+    assert get_mask_method(config) is not None
+    storage = module.weight.data_ptr()
+    row = _prune_layer("layer", module, gram, config, get_method(config))
+    assert module.weight.data_ptr() == storage  # zeroed in place, no new tensor
+    assert torch.equal(get_weight_matrix(module), expected)
+    assert row.sparsity == pytest.approx(1 - float(torch.count_nonzero(expected)) / expected.numel())
+    assert row.relative_error == pytest.approx(relative_reconstruction_error(dense, expected, gram), rel=1e-4)
+
+
+def test_masked_reconstruction_error_equals_the_error_of_the_masked_copy():
+    from optimum_admm.stats import masked_reconstruction_error
+
+    weight, gram = synthetic_layer(seed=3, in_features=64, out_features=5000)  # several row chunks
+    keep = torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) > 0.4
+    expected = relative_reconstruction_error(weight, weight.masked_fill(~keep, 0), gram)
+    assert masked_reconstruction_error(weight, keep, gram) == pytest.approx(expected, rel=1e-5)
+    assert masked_reconstruction_error(weight, torch.ones_like(keep), gram) == 0.0
+
+
+def test_methods_that_update_weights_have_no_mask_function():
+    from optimum_admm.registry import get_mask_method
+
+    assert get_mask_method(ADMMConfig()) is None and get_mask_method(SparseGPTConfig()) is None
+    assert get_mask_method(WandaConfig()) is not None and get_mask_method(MagnitudeConfig()) is not None
+
+
+def test_a_registered_mask_function_is_what_the_driver_calls(monkeypatch, tokenizer):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from optimum_admm import registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    monkeypatch.setattr(registry, "_MASKS", dict(registry._MASKS))
+
+    @dataclass
+    class EveryOtherConfig(MagnitudeConfig):
+        method: ClassVar[str] = "every-other"
+
+    def refuse(weight, gram, config):
+        raise AssertionError("the driver built a pruned copy for a method with a mask function")
+
+    def every_other(weight, gram, config):
+        keep = torch.zeros(weight.shape, dtype=torch.bool)
+        keep[:, ::2] = True
+        return keep
+
+    with pytest.raises(ValueError, match="mask_fn=3 is invalid"):
+        registry.register_method(EveryOtherConfig, refuse, mask_fn=3)
+    registry.register_method(EveryOtherConfig, refuse, mask_fn=every_other)
+    model = build_tiny_model("llama")
+    report = ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=EveryOtherConfig()).prune(
+        show_progress=False
+    )
+    assert report.sparsity == pytest.approx(0.5)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert torch.count_nonzero(weight[:, 1::2]) == 0 and torch.count_nonzero(weight[:, ::2]) == weight[:, ::2].numel()
+    registry.register_method(EveryOtherConfig, every_other)  # re-registered without one: the mask function is gone
+    assert registry.get_mask_method(EveryOtherConfig()) is None

@@ -10,7 +10,7 @@ from conftest import build_tiny_model, interrupt_at_block
 from transformers import AutoModelForCausalLM
 
 import optimum_admm.streaming as streaming
-from optimum_admm import ADMMConfig, ADMMPruner, MagnitudeConfig
+from optimum_admm import ADMMConfig, ADMMPruner, MagnitudeConfig, WandaConfig
 from optimum_admm.streaming import checkpoint_weight_map, prune_checkpoint
 
 FAST = {"num_samples": 4, "sequence_length": 32, "seed": 1}
@@ -23,6 +23,9 @@ FAST = {"num_samples": 4, "sequence_length": 32, "seed": 1}
         ("gpt2", ADMMConfig(**FAST, mask_structure="2:4")),
         ("gemma3-sliding", ADMMConfig(**FAST)),
         ("opt", MagnitudeConfig(sparsity=0.5)),
+        ("opt", WandaConfig(**FAST)),
+        ("gpt-neox", WandaConfig(**FAST)),
+        ("qwen2", WandaConfig(**FAST, mask_structure="2:4")),
     ],
 )
 def test_streaming_is_bitwise_identical_to_in_memory(family, config, tokenizer, corpus_text, tmp_path):
@@ -112,6 +115,40 @@ def test_streaming_resume_refuses_a_changed_recipe_or_checkpoint(tokenizer, corp
         )
     build_tiny_model("llama", seed=1).save_pretrained(other, max_shard_size="20KB")
     tokenizer.save_pretrained(other)
-    with pytest.raises(ValueError, match=r"model: '[0-9a-f]+' -> '[0-9a-f]+'"):
+    # another checkpoint with the same names and shapes: its embedding values differ (read from the shards)
+    with pytest.raises(ValueError, match=r"source: '[0-9a-f]+' -> '[0-9a-f]+'"):
         prune_checkpoint(other, tmp_path / "out", ADMMConfig(**FAST), [corpus_text], checkpoint_dir=checkpoint)
     assert not (tmp_path / "out").exists()
+
+
+def test_capture_reads_only_the_embedding_rows_of_the_calibration_tokens(tokenizer, tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    _save_source("llama", tokenizer, source)
+    ids = torch.tensor([[5, 6, 7, 40, 41, 90, 5, 6]])
+    seen = {}
+    real_rows, real_capture = streaming._embedding_rows, streaming._capture_with_streamed_blocks
+
+    def rows(model, *args):
+        embed, seconds = real_rows(model, *args)
+        seen["embedding"] = model.get_input_embeddings()
+        return embed, seconds
+
+    def capture(model, *args):
+        seen["meta_during_capture"] = model.get_input_embeddings().weight.is_meta
+        inputs = real_capture(model, *args)
+        seen["compact_rows"] = args[-1](torch.tensor([[5, 90]])).shape
+        return inputs
+
+    monkeypatch.setattr(streaming, "_embedding_rows", rows)
+    monkeypatch.setattr(streaming, "_capture_with_streamed_blocks", capture)
+    config = WandaConfig(num_samples=1, sequence_length=8)
+    prune_checkpoint(source, tmp_path / "out", config, ids, show_progress=False)
+    assert seen["meta_during_capture"]  # never loaded whole for the capture
+    assert seen["embedding"].weight.is_meta  # the compact weight was swapped back out
+    assert seen["compact_rows"] == (1, 2, build_tiny_model("llama").config.hidden_size)
+    assert streaming._row_runs([5, 6, 7, 40, 41, 90]) == [(5, 8), (40, 42), (90, 91)]
+
+    too_large = torch.tensor([[1, 2, 3, 10**6, 4, 5, 6, 7]])
+    with pytest.raises(ValueError, match=r"calibration token id 1000000 is invalid; allowed: 0 to \d+"):
+        prune_checkpoint(source, tmp_path / "out2", config, too_large, show_progress=False)
+    assert not (tmp_path / "out2").exists()

@@ -10,7 +10,7 @@ import torch
 
 from ..masks import _CHUNK, select_mask
 
-__all__ = ["wanda_scores", "wanda_prune"]
+__all__ = ["wanda_scores", "wanda_mask", "wanda_prune"]
 
 
 def _input_norms(gram: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -23,6 +23,33 @@ def wanda_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return scores.mul_(_input_norms(gram, weight.device))
 
 
+def wanda_mask(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    per_output: bool = True,
+) -> torch.Tensor:
+    """The keep-mask of Wanda: ``False`` at the smallest ``|W_ij| * ||X_j||`` (per output row by default, or N:M).
+
+    Example:
+        >>> w = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+        >>> wanda_mask(w, torch.diag(torch.tensor([4.0, 1.0, 9.0, 0.25])), 0.5).tolist()
+        [[True, False, True, False]]
+    """
+    weight = weight.detach()
+    if nm is not None or not per_output:
+        return select_mask(wanda_scores(weight, gram), sparsity, nm=nm, per_output=per_output)
+    # Per-row selection: rows are independent, so score and select a chunk of rows at a time (bounded workspace).
+    norms = _input_norms(gram, weight.device)
+    keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    rows = max(1, _CHUNK // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        scores = weight[start : start + rows].abs().float().mul_(norms)
+        keep[start : start + rows] = select_mask(scores, sparsity, per_output=True)
+    return keep
+
+
 def wanda_prune(
     weight: torch.Tensor,
     gram: torch.Tensor,
@@ -30,23 +57,12 @@ def wanda_prune(
     nm: tuple[int, int] | None = None,
     per_output: bool = True,
 ) -> torch.Tensor:
-    """Zero the weights with the smallest Wanda score (per output row by default, or N:M).
+    """Zero the weights with the smallest Wanda score (per output row by default, or N:M); see :func:`wanda_mask`.
 
     Example:
         >>> w = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
         >>> wanda_prune(w, torch.diag(torch.tensor([4.0, 1.0, 9.0, 0.25])), 0.5).tolist()
         [[1.0, 0.0, 1.0, 0.0]]
     """
-    weight = weight.detach()
-    if nm is not None or not per_output:
-        return weight.masked_fill(~select_mask(wanda_scores(weight, gram), sparsity, nm=nm, per_output=per_output), 0)
-    # Per-row selection: rows are independent, so score and select a chunk of rows at a time (bounded workspace).
-    norms = _input_norms(gram, weight.device)
-    pruned = torch.empty_like(weight)
-    rows = max(1, _CHUNK // max(1, weight.shape[1]))
-    for start in range(0, weight.shape[0], rows):
-        part = weight[start : start + rows]
-        scores = part.abs().float().mul_(norms)
-        keep = select_mask(scores, sparsity, per_output=True)
-        pruned[start : start + rows] = part.masked_fill(~keep, 0)
-    return pruned
+    keep = wanda_mask(weight, gram, sparsity, nm=nm, per_output=per_output)
+    return weight.detach().masked_fill(~keep, 0)
