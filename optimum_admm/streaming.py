@@ -1,13 +1,15 @@
 """Streaming mode: prune a safetensors checkpoint directory without ever holding the whole model in memory.
 
-The model is built as a skeleton on the ``meta`` device (``accelerate.init_empty_weights``); only the modules outside
-the decoder blocks (embeddings, final norm, head) are loaded. Then, for each block in order, its tensors are read
-from the source shards with safetensors' lazy ``safe_open`` and placed with accelerate's
+The model is built as a skeleton on the ``meta`` device (``accelerate.init_empty_weights``), its tensor names
+matched to the checkpoint's through the renamings ``from_pretrained`` applies. For the input capture only the small
+modules outside the decoder blocks are loaded, and of the input embedding only the rows of the calibration tokens
+(a forward through a memory-mapped embedding would page most of it in). Then, for each block in order, its tensors
+are read from the source shards with safetensors' lazy ``safe_open`` and placed with accelerate's
 ``set_module_tensor_to_device`` on the execution device; the block is calibrated, pruned and propagated by the same
 code as the in-memory driver (so the result is bitwise identical), written to its own output shard and returned to
-``meta``. The non-block modules are loaded for the input capture and again to be written, not in between, so while
-the blocks are pruned peak memory is one block + the calibration activations + the Gram statistics + one layer's
-solver workspace.
+``meta``. The non-block modules are loaded again only to be written, at the end, so while the blocks are pruned peak
+memory is one block + the calibration activations + the Gram statistics + one layer's solver workspace (for
+Wanda and magnitude, which zero weights in place, a one-byte-per-weight mask).
 
 The output directory (one shard per block plus one for the rest, an index, the config, tokenizer files and
 ``pruning_config.json``) is written beside ``save_dir`` and renamed into place when complete; the source is only read.

@@ -102,3 +102,23 @@ def test_activation_memory_is_logged_and_budget_refused(tokenizer, corpus_text, 
     with caplog.at_level(logging.INFO, logger="optimum_admm.memory"):
         pruner.prune(calibration_dataset=[corpus_text], show_progress=False, max_memory={"cpu": "1MiB"})
     assert "calibration activations: 32.00 KiB on cpu" in caplog.text
+
+
+def test_device_map_benchmark_compares_a_cpu_and_disk_map_with_the_cpu_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "device_map.py"
+    output = tmp_path / "result.json"
+    sizes = ["--layers", "3", "--hidden", "64", "--intermediate", "160", "--vocab", "512"]
+    subprocess.run(
+        [sys.executable, str(script), "--devices", "cpu", "--disk", *sizes, "--num-samples", "2",
+         "--sequence-length", "32", "--method", "sparsegpt", "--output", str(output)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    assert result["device_map"]["model.layers.2"] == "disk" and result["devices"] == ["cpu"]
+    assert result["bitwise_identical"] and result["share_of_identical_mask_entries"] == 1.0
+    assert result["config"]["method"] == "sparsegpt"
