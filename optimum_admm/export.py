@@ -251,13 +251,42 @@ def _write_contents(
         card.save(staging / "README.md")
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in platform.node()) or "host"
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove the staging directories beside ``target`` left by a killed run of this host (SIGKILL, power loss).
+
+    A staging directory is named after its host and process id; it is stale when that process no longer exists.
+    Directories of other hosts (a shared file system) are never touched.
+    """
+    for path in target.parent.glob(f".{target.name}.*-{_host()}-*"):
+        kind, _, rest = path.name[len(target.name) + 2 :].partition("-")
+        pid_text = rest[len(_host()) + 1 :].split("-")[0]
+        if kind not in ("tmp", "old") or not pid_text.isdigit() or not path.is_dir():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by an interrupted run (process %d)", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 @contextlib.contextmanager
 def staged_directory(target: Path) -> Iterator[Path]:
     """A fresh directory beside ``target`` to write into; it becomes ``target`` only when the block completes.
 
     On success an existing ``target`` is moved aside, the staging directory renamed into place and the old content
     dropped; on any exception (Ctrl-C included) the staging directory is removed and ``target`` is left as it was.
-    So an interrupted save never leaves a directory that looks complete.
+    So an interrupted save never leaves a directory that looks complete. A process killed outright (SIGKILL) cannot
+    clean up: its staging directory, named after the host and process id, is removed by the next run for the same
+    ``target``.
 
     Example:
         >>> import tempfile
@@ -268,14 +297,16 @@ def staged_directory(target: Path) -> Iterator[Path]:
         ['config.json']
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_staging(target)
+    owner = f"{_host()}-{os.getpid()}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{owner}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # the usual permissions, not mkdtemp's private 0o700
     try:
         yield staging
         if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            backup = target.with_name(f".{target.name}.old-{owner}")
             target.rename(backup)
             staging.rename(target)
             shutil.rmtree(backup, ignore_errors=True)

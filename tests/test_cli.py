@@ -427,6 +427,40 @@ def test_checkpoint_dir_records_blocks_and_a_rerun_is_identical(
     assert f"saved to {out.resolve()}" in capsys.readouterr().out
 
 
+_KILL_AFTER_FIRST_BLOCK = """
+import os, signal, sys
+import optimum_admm.resume as resume
+from optimum_admm.commands import main
+
+real = resume.save_block
+def save_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+resume.save_block = save_then_die
+main(sys.argv[1:])
+"""
+
+
+def test_streaming_command_killed_then_rerun_continues_and_matches(sharded_dir, in_memory_weights, tmp_path):
+    from optimum_admm.commands import main
+
+    source = sharded_dir / "dense"
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "out"
+    args = _prune_args(sharded_dir, out, "--streaming", "--checkpoint-dir", str(checkpoint))
+    script = tmp_path / "killed.py"
+    script.write_text(_KILL_AFTER_FIRST_BLOCK)
+    killed = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert json.loads((checkpoint / "state.json").read_text())["next_block"] == 1
+    assert not out.exists()  # nothing that looks like a finished output
+    assert list(tmp_path.glob(".out.tmp-*"))  # the killed run's staging directory (a SIGKILL runs no cleanup)
+    main(args)  # the same command again
+    _assert_same_weights(out, in_memory_weights)
+    assert not list(tmp_path.glob(".out.*"))  # the rerun removed it
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
 def test_activation_cache_dir_is_used_and_left_empty(streaming, sharded_dir, in_memory_weights, tmp_path):
     from optimum_admm.commands import main

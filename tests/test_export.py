@@ -137,3 +137,24 @@ def test_non_empty_target_needs_overwrite(pruned, tmp_path):
     assert (tmp_path / "out" / "keep.txt").is_file()
     pruned.save_pretrained(tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_staging_left_by_a_dead_process_of_this_host_is_removed(tmp_path):
+    import os
+
+    from optimum_admm.export import _host, staged_directory
+
+    target = tmp_path / "model"
+    dead = tmp_path / f".model.tmp-{_host()}-999999999-abc"  # beyond any pid_max: no such process
+    alive = tmp_path / f".model.tmp-{_host()}-{os.getppid()}-def"  # the process that runs the tests
+    other_host = tmp_path / ".model.tmp-otherhost-999999999-ghi"  # a shared file system: not ours to judge
+    unrelated = tmp_path / f".modelx.tmp-{_host()}-999999999-jkl"
+    for path in (dead, alive, other_host, unrelated):
+        path.mkdir()
+        (path / "shard.safetensors").write_bytes(b"partial")
+    with staged_directory(target) as staging:
+        assert f"-{_host()}-{os.getpid()}-" in staging.name
+        (staging / "config.json").write_text("{}")
+    assert not dead.exists()
+    assert alive.exists() and other_host.exists() and unrelated.exists()
+    assert (target / "config.json").is_file()
