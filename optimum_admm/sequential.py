@@ -248,6 +248,7 @@ def _prune_block(model, block, layers, inputs, index, config, method, report, ti
                 report.layers.append(_prune_layer(name, module, None, config, method))
         return
     groups = _share_groups(block, layers, inputs, index, device)
+    release_freed_host_memory()  # the probe forward's temporaries, before the Grams are allocated
     stages = groups if config.true_sequential else [[n for g in groups for n in g]]
     for stage in stages:
         stage_groups = [g for g in groups if g[0] in stage]
