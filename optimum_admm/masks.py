@@ -21,6 +21,7 @@ __all__ = [
     "gradual_nm_mask",
     "select_mask",
     "is_valid_nm",
+    "row_chunks",
 ]
 
 
@@ -53,7 +54,21 @@ def num_pruned(numel: int, sparsity: float) -> int:
     return min(numel, int(math.floor(numel * sparsity + 1e-6)))
 
 
-_CHUNK = 1 << 18  # elements per chunk of rows in row-independent selection (1 MiB of fp32 scores)
+_CHUNK = 1 << 18  # elements per chunk of rows in row-wise work (1 MiB of fp32)
+
+
+def row_chunks(matrix: torch.Tensor) -> list[slice]:
+    """Slices of consecutive rows of about 2^18 elements each (at least one row), covering every row.
+
+    Row-independent work (per-row selection, scoring, in-place masking, error sums) runs a chunk at a time so its
+    workspace stays small next to the layer however wide it is.
+
+    Example:
+        >>> row_chunks(torch.empty(5, 2**17))
+        [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    rows = max(1, _CHUNK // max(1, matrix.shape[-1]))
+    return [slice(start, min(start + rows, matrix.shape[0])) for start in range(0, matrix.shape[0], rows)]
 
 
 def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tensor:
@@ -75,8 +90,7 @@ def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tens
         return torch.zeros_like(scores, dtype=torch.bool)
     if scores.dim() == 2 and dim in (1, -1) and scores.numel() > _CHUNK:
         # Per-row selection is row-independent: chunks of rows bound the selection's workspace (kthvalue copies).
-        rows = max(1, _CHUNK // scores.shape[1])
-        return torch.cat([_prune_smallest(part, k, dim) for part in scores.split(rows)])
+        return torch.cat([_prune_smallest(scores[rows], k, dim) for rows in row_chunks(scores)])
     threshold = scores.kthvalue(k, dim=dim, keepdim=True).values
     pruned = scores <= threshold
     if bool((torch.count_nonzero(pruned, dim=dim) > k).any()):
@@ -119,8 +133,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         [[0, 1, 1, 0, 0, 1, 0, 1]]
     """
     if scores.numel() > _CHUNK and scores.shape[0] > 1:  # rows are independent: bound argsort's int64 indices
-        rows = max(1, _CHUNK // max(1, scores.shape[1]))
-        return torch.cat([nm_mask(part, n, m) for part in scores.split(rows)])
+        return torch.cat([nm_mask(scores[rows], n, m) for rows in row_chunks(scores)])
     groups = _groups(scores, m)
     order = torch.argsort(groups, dim=-1, stable=True)
     keep = torch.ones_like(groups, dtype=torch.bool)

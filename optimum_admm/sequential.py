@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import resume
 from .activations import Storage, check_activation_storage, resolve_storage, stash
 from .configuration import PruningConfig
+from .masks import row_chunks
 from .memory import MaxMemory, release_freed_host_memory
 from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
 from .offload import onloaded
@@ -223,9 +224,8 @@ def _prune_layer(name: str, module: nn.Module, gram: torch.Tensor | None, config
         # A method that only removes weights: zero them in place, a chunk of rows at a time (no pruned copy).
         keep = mask_method(dense, gram, config)
         error = None if gram is None else masked_reconstruction_error(dense, keep, gram)
-        rows = max(1, (1 << 18) // max(1, dense.shape[1]))
-        for first in range(0, dense.shape[0], rows):
-            dense[first : first + rows].masked_fill_(~keep[first : first + rows], 0)
+        for rows in row_chunks(dense):
+            dense[rows].masked_fill_(~keep[rows], 0)
         del keep
     else:
         pruned = method(dense, gram, config)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .masks import row_chunks
+
 __all__ = ["GramAccumulator", "relative_reconstruction_error", "masked_reconstruction_error"]
 
 
@@ -41,9 +43,9 @@ def relative_reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gra
         0.8
     """
     numerator = denominator = 0.0
-    for start, stop in _row_chunks(dense):
-        w0 = dense[start:stop].to(device=gram.device, dtype=torch.float32)
-        delta = pruned[start:stop].to(device=gram.device, dtype=torch.float32) - w0
+    for rows in row_chunks(dense):
+        w0 = dense[rows].to(device=gram.device, dtype=torch.float32)
+        delta = pruned[rows].to(device=gram.device, dtype=torch.float32) - w0
         numerator += _quadratic_form(delta, gram)
         denominator += _quadratic_form(w0, gram)
     return _ratio(numerator, denominator)
@@ -58,18 +60,12 @@ def masked_reconstruction_error(dense: torch.Tensor, keep: torch.Tensor, gram: t
         0.8
     """
     numerator = denominator = 0.0
-    for start, stop in _row_chunks(dense):
-        w0 = dense[start:stop].to(device=gram.device, dtype=torch.float32)
-        removed = w0.masked_fill(keep[start:stop].to(gram.device), 0)  # pruned - w0 = -removed
+    for rows in row_chunks(dense):
+        w0 = dense[rows].to(device=gram.device, dtype=torch.float32)
+        removed = w0.masked_fill(keep[rows].to(gram.device), 0)  # pruned - w0 = -removed
         numerator += _quadratic_form(removed, gram)
         denominator += _quadratic_form(w0, gram)
     return _ratio(numerator, denominator)
-
-
-def _row_chunks(weight: torch.Tensor) -> list[tuple[int, int]]:
-    # Row chunks of about 256K elements: the workspace stays small next to the layer however wide it is.
-    rows = max(1, (1 << 18) // max(1, weight.shape[1]))
-    return [(start, min(start + rows, weight.shape[0])) for start in range(0, weight.shape[0], rows)]
 
 
 def _quadratic_form(rows: torch.Tensor, gram: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import _CHUNK, select_mask
+from ..masks import row_chunks, select_mask
 
 __all__ = ["wanda_scores", "wanda_mask", "wanda_prune"]
 
@@ -43,10 +43,8 @@ def wanda_mask(
     # Per-row selection: rows are independent, so score and select a chunk of rows at a time (bounded workspace).
     norms = _input_norms(gram, weight.device)
     keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-    rows = max(1, _CHUNK // max(1, weight.shape[1]))
-    for start in range(0, weight.shape[0], rows):
-        scores = weight[start : start + rows].abs().float().mul_(norms)
-        keep[start : start + rows] = select_mask(scores, sparsity, per_output=True)
+    for rows in row_chunks(weight):
+        keep[rows] = select_mask(weight[rows].abs().float().mul_(norms), sparsity, per_output=True)
     return keep
 
 
