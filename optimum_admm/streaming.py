@@ -307,10 +307,11 @@ def prune_checkpoint(
     report = PruningReport(method=config.method, config=config.to_dict(), calibration=calibration)
     timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
     total = len(blocks) + 1
-    # The input embedding is not loaded for the capture: only its rows that the calibration tokens use are read.
     embedding_key = _input_embedding_key(model, weight_map)
     with staged_directory(target) as tmp:
-        early_keys = [k for k in other_keys if batches is None or k != embedding_key]
+        # Only the capture reads modules outside the blocks, and of the input embedding only the rows of the
+        # calibration tokens (see _embedding_rows); without calibration data nothing is loaded before the blocks.
+        early_keys = [k for k in other_keys if k != embedding_key] if batches is not None else []
         result.load_seconds += _load_tensors(model, checkpoint, early_keys, device, page_in=False)
         model.tie_weights()
         state, first = None, 0
@@ -330,7 +331,7 @@ def prune_checkpoint(
                 start = time.perf_counter()
                 capture = batches if first == 0 else batches[:1]  # on resume: only the blocks' other arguments
                 embed = None
-                if embedding_key is not None and embedding_key not in early_keys:
+                if embedding_key is not None:
                     embed, seconds = _embedding_rows(model, checkpoint, embedding_key, capture, device)
                     result.load_seconds += seconds
                 inputs = _capture_with_streamed_blocks(
