@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -259,16 +260,15 @@ def _remove_stale_staging(target: Path) -> None:
     """Remove the staging directories beside ``target`` left by a killed run of this host (SIGKILL, power loss).
 
     A staging directory is named after its host and process id; it is stale when that process no longer exists.
-    Directories of other hosts (a shared file system) are never touched.
+    Directories of other hosts (a shared file system) are never touched, nor the ``.old-`` backup of a previous
+    output, which a run killed between its two renames leaves as the only complete copy.
     """
-    for path in target.parent.glob(f".{target.name}.*-{_host()}-*"):
-        kind, _, rest = path.name[len(target.name) + 2 :].partition("-")
-        pid_text = rest[len(_host()) + 1 :].split("-")[0]
-        if kind not in ("tmp", "old") or not pid_text.isdigit() or not path.is_dir():
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-{re.escape(_host())}-(\d+)-.*")
+    for path in target.parent.glob(f".{target.name}.tmp-*"):
+        match = pattern.fullmatch(path.name)
+        if match is None or not path.is_dir() or int(match.group(1)) == os.getpid():
             continue
-        pid = int(pid_text)
-        if pid == os.getpid():
-            continue
+        pid = int(match.group(1))
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

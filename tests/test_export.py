@@ -149,12 +149,13 @@ def test_staging_left_by_a_dead_process_of_this_host_is_removed(tmp_path):
     alive = tmp_path / f".model.tmp-{_host()}-{os.getppid()}-def"  # the process that runs the tests
     other_host = tmp_path / ".model.tmp-otherhost-999999999-ghi"  # a shared file system: not ours to judge
     unrelated = tmp_path / f".modelx.tmp-{_host()}-999999999-jkl"
-    for path in (dead, alive, other_host, unrelated):
+    backup = tmp_path / f".model.old-{_host()}-999999999"  # a previous output moved aside: maybe the only copy
+    for path in (dead, alive, other_host, unrelated, backup):
         path.mkdir()
         (path / "shard.safetensors").write_bytes(b"partial")
     with staged_directory(target) as staging:
         assert f"-{_host()}-{os.getpid()}-" in staging.name
         (staging / "config.json").write_text("{}")
     assert not dead.exists()
-    assert alive.exists() and other_host.exists() and unrelated.exists()
+    assert alive.exists() and other_host.exists() and unrelated.exists() and backup.exists()
     assert (target / "config.json").is_file()
