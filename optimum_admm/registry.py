@@ -59,11 +59,16 @@ def register_method(config_cls: type[PruningConfig], fn: LayerPruneFn, *, mask_f
         _MASKS[config_cls] = mask_fn
 
 
+def _registered_class(config: PruningConfig) -> type[PruningConfig] | None:
+    """The most specific class of ``config`` with a registered method."""
+    return next((cls for cls in type(config).__mro__ if cls in _METHODS), None)
+
+
 def get_method(config: PruningConfig) -> LayerPruneFn:
     """The layer-pruning function for ``config`` (looked up by its type, most specific first)."""
-    for cls in type(config).__mro__:
-        if cls in _METHODS:
-            return _METHODS[cls]
+    cls = _registered_class(config)
+    if cls is not None:
+        return _METHODS[cls]
     raise ValueError(
         f"config of type {type(config).__name__} has no registered method; registered: "
         f"{sorted(c.__name__ for c in _METHODS)}"
@@ -78,10 +83,8 @@ def get_mask_method(config: PruningConfig) -> LayerMaskFn | None:
         >>> get_mask_method(ADMMConfig()) is None, callable(get_mask_method(WandaConfig()))
         (True, True)
     """
-    for cls in type(config).__mro__:
-        if cls in _METHODS:
-            return _MASKS.get(cls)
-    return None
+    cls = _registered_class(config)
+    return None if cls is None else _MASKS.get(cls)
 
 
 def registered_methods() -> dict[str, type[PruningConfig]]:
