@@ -179,7 +179,9 @@ def main() -> None:
     working_set = measured["baseline_rss_bytes"] + block + activations + statistics
     budget = 1.10 * working_set
     pruning_set = block + activations + statistics  # what the pruning itself needs, the runtime's baseline aside
-    workspace = h * m * 4  # one layer's solve: its pruned copy (largest layer), scored and selected in row chunks
+    # One pruned copy of the largest layer: what a method that updates weights (ADMM, SparseGPT) adds at least;
+    # the measured Wanda zeroes weights in place and needs only a one-byte-per-weight mask.
+    workspace = h * m * 4
     import accelerate
     import safetensors
     import torch
