@@ -21,6 +21,41 @@ from .version import __version__
 UNSTRUCTURED = "unstructured"
 _NM_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
 
+#: ``{method name: config class}``, filled by :func:`optimum_admm.registry.register_method` (one class per name).
+_CONFIG_CLASSES: dict[str, type[PruningConfig]] = {}
+
+
+def add_config_class(cls: type[PruningConfig]) -> None:
+    """Make ``cls`` the class that loads recipes whose ``method`` is ``cls.method``; a name is taken only once.
+
+    Called by :func:`optimum_admm.registry.register_method`, which owns the registration (this table lives here so
+    that loading a recipe needs no import of the registry).
+    """
+    known = _CONFIG_CLASSES.get(cls.method)
+    if known is not None and known is not cls:
+        raise ValueError(f"method {cls.method!r} belongs to {known.__qualname__} already")
+    _CONFIG_CLASSES[cls.method] = cls
+
+
+def config_classes() -> dict[str, type[PruningConfig]]:
+    """``{method name: config class}``: the built-in methods' and every registered one's."""
+    return dict(_CONFIG_CLASSES)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name`` of ``cls``, read from the field (no instance is built).
+
+    Example:
+        >>> default_of(ADMMConfig, "targets")
+        ['Linear', 'Conv1D']
+    """
+    for item in dataclasses.fields(cls):
+        if item.name == name:
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+            return None if item.default is dataclasses.MISSING else item.default
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
+
 
 def parse_nm(mask_structure: str) -> tuple[int, int] | None:
     """Parse a mask structure string.
@@ -180,16 +215,23 @@ class PruningConfig:
     def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
         """Rebuild a config; keys this version does not know are ignored with a warning.
 
-        Called on :class:`PruningConfig` itself, the ``method`` key picks the subclass.
+        Called on :class:`PruningConfig` itself, the ``method`` key picks the registered subclass; called on a
+        subclass, only that class's own recipes load (a recipe of another method is refused).
         """
         data = dict(data)
         method = data.pop("method", None)
         data.pop("optimum_admm_version", None)
         target_cls = cls
         if cls is PruningConfig:
-            from .registry import config_class_for
-
-            target_cls = config_class_for(method)
+            classes = config_classes()
+            if method not in classes:
+                raise ValueError(f"method={method!r} is unknown; allowed: {sorted(classes)}")
+            target_cls = classes[method]
+        elif method is not None and method != cls.method:
+            raise ValueError(
+                f"method={method!r} is invalid for {cls.__name__}; allowed: {cls.method!r} (load other recipes "
+                "with PruningConfig.from_dict)"
+            )
         known = {f.name for f in dataclasses.fields(target_cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -330,3 +372,8 @@ class MagnitudeConfig(PruningConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_type("per_output", self.per_output, bool, "True or False")
+
+
+# The built-in recipes load without the registry (which registers their methods under the same names).
+for _cls in (ADMMConfig, SparseGPTConfig, WandaConfig, MagnitudeConfig):
+    add_config_class(_cls)

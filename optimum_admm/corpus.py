@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import sysconfig
@@ -44,6 +43,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from optimum_admm.files import atomic_write
 from optimum_admm.zoo import cache_root
 
 if TYPE_CHECKING:
@@ -304,10 +304,7 @@ def _write_domain(domain: str, entry: dict, docs: dict[str, str], out_dir: Path)
         lines[doc["split"]].append(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in lines.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{split}.", dir=out_dir)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.writelines(rows)
-        os.replace(tmp, out_dir / f"{split}.jsonl")
+        atomic_write(out_dir / f"{split}.jsonl", lambda path, rows=rows: path.write_text("".join(rows), "utf-8"))
 
 
 def build_corpus(

@@ -232,7 +232,9 @@ def _score(
     import torch
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    from .stores import input_device
+
+    device = input_device(model)  # not next(model.parameters()): that is `meta` when the first module is offloaded
     prefix = [tokenizer.bos_token_id] if add_bos else []
     # Windows with the same length and number of scored tokens stack into one batch.
     groups: list[list[tuple[int, int, int]]] = []

@@ -18,10 +18,7 @@ import logging
 import math
 import os
 import platform
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ import torch
 from torch import nn
 
 from .configuration import PruningConfig
+from .files import staged_directory
 from .reporting import PruningReport
 from .version import __version__
 
@@ -43,6 +41,8 @@ __all__ = [
     "pruning_metadata",
     "read_pruning_metadata",
     "save_pruned",
+    "staged_directory",
+    "write_pruning_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,12 +178,16 @@ def load_pruning_config(save_dir: str | os.PathLike) -> PruningConfig:
 
 
 def _pack_masks(model: nn.Module, report: PruningReport) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Non-zero masks of every pruned layer's ``weight`` (in the parameter's own layout), bit-packed."""
+    """Non-zero masks of every pruned layer's ``weight`` (in the parameter's own layout), bit-packed; offloaded
+    weights are read through the model's weight store."""
+    from .stores import store_for
+
+    store = store_for(model)
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for row in report.layers:
-        weight = model.get_submodule(row.name).weight.detach()
         key = f"{row.name}.weight"
+        weight = store.read(key)
         bits = np.packbits((weight != 0).flatten().cpu().numpy(), bitorder="little")
         tensors[key] = torch.from_numpy(bits)
         shapes[key] = list(weight.shape)
@@ -220,6 +224,30 @@ def load_masks(save_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return masks
 
 
+def write_pruning_files(
+    staging: Path,
+    config: PruningConfig,
+    report: PruningReport | None,
+    *,
+    evaluation_results: Mapping[str, Any] | None = None,
+    masks_file: str | None = None,
+    card_kwargs: dict[str, Any] | None = None,
+    model_config: Any = None,
+) -> dict[str, Any]:
+    """Write ``pruning_config.json`` and (with ``card_kwargs``) the model card into a directory being staged.
+
+    The one writer of both files, for every output (:func:`save_pruned`, streaming, the CLI); returns the sidecar.
+    """
+    metadata = pruning_metadata(config, report, evaluation_results, masks_file)
+    (staging / PRUNING_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    if card_kwargs is not None:
+        from .card import build_model_card
+
+        card = build_model_card(metadata, model_config=model_config, **card_kwargs)
+        card.save(staging / "README.md")
+    return metadata
+
+
 def _write_contents(
     staging: Path,
     model: nn.Module,
@@ -243,78 +271,15 @@ def _write_contents(
         tensors, metadata = _pack_masks(model, report)
         save_file(tensors, str(staging / MASKS_NAME), metadata=metadata)
         masks_file = MASKS_NAME
-    metadata_dict = pruning_metadata(config, report, evaluation_results, masks_file)
-    (staging / PRUNING_CONFIG_NAME).write_text(json.dumps(metadata_dict, indent=2) + "\n", encoding="utf-8")
-    if card_kwargs is not None:
-        from .card import build_model_card
-
-        card = build_model_card(metadata_dict, model_config=getattr(model, "config", None), **card_kwargs)
-        card.save(staging / "README.md")
-
-
-def _host() -> str:
-    return "".join(c if c.isalnum() else "_" for c in platform.node()) or "host"
-
-
-def _remove_stale_staging(target: Path) -> None:
-    """Remove the staging directories beside ``target`` left by a killed run of this host (SIGKILL, power loss).
-
-    A staging directory is named after its host and process id; it is stale when that process no longer exists.
-    Directories of other hosts (a shared file system) are never touched, nor the ``.old-`` backup of a previous
-    output, which a run killed between its two renames leaves as the only complete copy.
-    """
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-{re.escape(_host())}-(\d+)-.*")
-    for path in target.parent.glob(f".{target.name}.tmp-*"):
-        match = pattern.fullmatch(path.name)
-        if match is None or not path.is_dir() or int(match.group(1)) == os.getpid():
-            continue
-        pid = int(match.group(1))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            logger.info("removing %s, left by an interrupted run (process %d)", path, pid)
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            continue
-
-
-@contextlib.contextmanager
-def staged_directory(target: Path) -> Iterator[Path]:
-    """A fresh directory beside ``target`` to write into; it becomes ``target`` only when the block completes.
-
-    On success an existing ``target`` is moved aside, the staging directory renamed into place and the old content
-    dropped; on any exception (Ctrl-C included) the staging directory is removed and ``target`` is left as it was.
-    So an interrupted save never leaves a directory that looks complete. A process killed outright (SIGKILL) cannot
-    clean up: its staging directory, named after the host and process id, is removed by the next run for the same
-    ``target``.
-
-    Example:
-        >>> import tempfile
-        >>> out = Path(tempfile.mkdtemp()) / "model"
-        >>> with staged_directory(out) as staging:
-        ...     _ = (staging / "config.json").write_text("{}")
-        >>> sorted(p.name for p in out.iterdir())
-        ['config.json']
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(target)
-    owner = f"{_host()}-{os.getpid()}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{owner}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # the usual permissions, not mkdtemp's private 0o700
-    try:
-        yield staging
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{owner}")
-            target.rename(backup)
-            staging.rename(target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    write_pruning_files(
+        staging,
+        config,
+        report,
+        evaluation_results=evaluation_results,
+        masks_file=masks_file,
+        card_kwargs=card_kwargs,
+        model_config=getattr(model, "config", None),
+    )
 
 
 def save_pruned(

@@ -59,7 +59,9 @@ def evaluate_tasks(
     except ImportError as err:  # pragma: no cover - exercised only without lm-eval
         raise ImportError("evaluate_tasks needs lm-eval: pip install 'optimum-admm[eval]'") from err
 
-    device = str(next(model.parameters()).device)
+    from .stores import input_device
+
+    device = str(input_device(model))  # never `meta`, even when the first module is offloaded
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     manager = TaskManager(
         include_path=str(include_path) if include_path is not None else None, include_defaults=include_defaults

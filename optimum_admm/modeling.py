@@ -145,7 +145,11 @@ def find_prunable_layers(
 
 
 def get_weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as ``(out_features, in_features)`` (a transposed view for ``Conv1D``)."""
+    """The weight as ``(out_features, in_features)`` (a transposed view for ``Conv1D``).
+
+    The one accessor of a module's weight outside the stores: call it on a module whose weights are present (held by
+    :meth:`optimum_admm.stores.WeightStore.module`, or an in-memory model).
+    """
     return module.weight.data.T if _is_conv1d(module) else module.weight.data
 
 

@@ -68,7 +68,8 @@ def _loader_and_key(weights_map: Mapping, key: str) -> tuple[Mapping, str]:
 def write_offloaded_tensor(weights_map: Mapping, key: str, value: torch.Tensor) -> None:
     """Store ``value`` under ``key`` in an accelerate weights map so that later forwards load it.
 
-    CPU-offloaded entries (the loader's ``state_dict``) are overwritten in place; disk-offloaded entries are rewritten
+    CPU-offloaded entries (the loader's ``state_dict``, or the plain dict of ``accelerate.cpu_offload()``) are
+    overwritten in place; disk-offloaded entries are rewritten
     with ``accelerate.utils.offload_weight`` into the offload folder. Entries read from a model's own safetensors
     shards are never written to (that would change the source checkpoint): the new value goes to the offload folder
     when there is one, else it is kept in CPU memory with a warning.
@@ -84,7 +85,8 @@ def write_offloaded_tensor(weights_map: Mapping, key: str, value: torch.Tensor) 
 
     loader, full_key = _loader_and_key(weights_map, key)
     value = value.detach()
-    state_dict = getattr(loader, "state_dict", None)
+    # ``accelerate.cpu_offload()`` keeps a plain dict of CPU tensors; dispatched models an OffloadedWeightsLoader.
+    state_dict = loader if isinstance(loader, dict) else getattr(loader, "state_dict", None)
     index = getattr(loader, "index", None)
     if isinstance(state_dict, dict) and full_key in state_dict:
         stored = state_dict[full_key]

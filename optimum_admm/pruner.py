@@ -13,7 +13,7 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from .calibration import CalibrationSource, describe_source, get_calibration_data
-from .configuration import ADMMConfig, PruningConfig
+from .configuration import ADMMConfig, PruningConfig, default_of
 from .modeling import find_decoder_blocks, find_prunable_layers, get_weight_matrix
 from .registry import get_method
 from .reporting import PruningReport
@@ -58,7 +58,12 @@ class ADMMPruner(OptimumQuantizer):
         self.tokenizer = tokenizer
         blocks_name, blocks = find_decoder_blocks(model)
         self._layers = find_prunable_layers(
-            model, self.config.targets, self.config.ignore, blocks, blocks_name, type(self.config)().targets
+            model,
+            self.config.targets,
+            self.config.ignore,
+            blocks,
+            blocks_name,
+            default_of(type(self.config), "targets"),
         )
         if self.config.nm is not None:
             m = self.config.nm[1]

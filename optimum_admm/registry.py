@@ -1,78 +1,147 @@
-"""Which algorithm prunes a layer for which config type. The driver never asks which method it runs.
+"""Which algorithm prunes a layer for which config type, and which input statistic it needs.
 
-Adding a method is one config class, one algorithm module and one :func:`register_method` call. A method that only
-removes weights (no update of the others) may also register its keep-mask function: the driver then zeroes the
-pruned weights in place, without a pruned copy of the layer, which lowers the peak memory of large layers.
+Methods are registered once each, by unique name (the config class's ``method``): a second registration of a name
+is refused, so a user's config class never takes over the recipes of another. Adding a method is one config class,
+one algorithm module and one :func:`register_method` call; the driver never asks which method it runs. A method
+declares the statistic it needs (:mod:`optimum_admm.stats`: ``"gram"``, ``"input_norms"``, ``None`` or a factory),
+and the driver collects exactly that. A method that only removes weights (no update of the others) may also register
+its keep-mask function: the driver then zeroes the pruned weights in place, without a pruned copy of the layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .algorithms import admm_prune, magnitude_mask, magnitude_prune, sparsegpt_prune, wanda_mask, wanda_prune
-from .configuration import ADMMConfig, MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from .configuration import (
+    ADMMConfig,
+    MagnitudeConfig,
+    PruningConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    add_config_class,
+    config_classes,
+)
+from .stats import Statistic, StatisticAccumulator, resolve_statistic
 
 __all__ = [
     "LayerMaskFn",
     "LayerPruneFn",
+    "MethodSpec",
     "register_method",
     "get_method",
     "get_mask_method",
+    "get_spec",
     "config_class_for",
     "registered_methods",
 ]
 
-#: ``fn(weight (out, in), gram (in, in) or None, config) -> pruned weight``.
+#: ``fn(weight (out, in), statistic value or None, config) -> pruned weight``.
 LayerPruneFn = Callable[[torch.Tensor, "torch.Tensor | None", PruningConfig], torch.Tensor]
 
-#: ``fn(weight (out, in), gram (in, in) or None, config) -> keep mask`` (bool, the weight's shape): for methods
+#: ``fn(weight (out, in), statistic value or None, config) -> keep mask`` (bool, the weight's shape): for methods
 #: whose pruned weight is ``weight.masked_fill(~keep, 0)``.
 LayerMaskFn = Callable[[torch.Tensor, "torch.Tensor | None", PruningConfig], torch.Tensor]
 
-_METHODS: dict[type[PruningConfig], LayerPruneFn] = {}
-_MASKS: dict[type[PruningConfig], LayerMaskFn] = {}
 
-
-def register_method(config_cls: type[PruningConfig], fn: LayerPruneFn, *, mask_fn: LayerMaskFn | None = None) -> None:
-    """Register the layer-pruning function run for configs of type ``config_cls``.
-
-    ``mask_fn``, for methods that only remove weights, returns the keep-mask ``fn`` applies; when given, the driver
-    calls it instead of ``fn`` and zeroes the weight in place (``fn`` must then equal
-    ``weight.masked_fill(~mask_fn(...), 0)``).
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its name, config class, layer functions and the statistic it reads.
 
     Example:
-        >>> from optimum_admm.registry import get_method
-        >>> from optimum_admm import ADMMConfig
-        >>> callable(get_method(ADMMConfig()))
-        True
+        >>> from optimum_admm import WandaConfig
+        >>> get_spec(WandaConfig()).statistic_name
+        'input_norms'
+    """
+
+    name: str
+    config_class: type[PruningConfig]
+    prune_fn: LayerPruneFn
+    mask_fn: LayerMaskFn | None
+    statistic: Callable[[int, torch.device], StatisticAccumulator] | None
+    statistic_name: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the driver must run calibration data through the blocks for this method."""
+        return self.statistic is not None
+
+
+_SPECS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    config_cls: type[PruningConfig],
+    fn: LayerPruneFn,
+    *,
+    mask_fn: LayerMaskFn | None = None,
+    statistic: Statistic = "gram",
+) -> MethodSpec:
+    """Register the layer-pruning function run for configs of type ``config_cls``, under ``config_cls.method``.
+
+    Args:
+        config_cls: the method's config class; its ``method`` class variable is the unique name.
+        fn: ``fn(weight, statistic, config) -> pruned weight``.
+        mask_fn: for methods that only remove weights, the keep-mask ``fn`` applies; the driver then calls it
+            instead of ``fn`` and zeroes the weight in place (``fn`` must equal ``weight.masked_fill(~mask, 0)``).
+        statistic: what the method reads of each layer's inputs (see :mod:`optimum_admm.stats`); ``None`` for a
+            method that reads no calibration data (its config must say ``needs_calibration = False``).
+
+    Raises:
+        ValueError: for a name registered already, a bad argument or a statistic that contradicts the config.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from typing import ClassVar
+        >>> from optimum_admm import WandaConfig
+        >>> @dataclass
+        ... class MyWandaConfig(WandaConfig):
+        ...     method: ClassVar[str] = "my-wanda"
+        >>> spec = register_method(MyWandaConfig, get_method(WandaConfig()), statistic="input_norms")  # doctest: +SKIP
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, PruningConfig)):
         raise ValueError(f"config_cls={config_cls!r} is invalid; allowed: a PruningConfig subclass")
+    name = config_cls.method
+    if name in _SPECS:
+        raise ValueError(
+            f"method {name!r} is registered already (by {_SPECS[name].config_class.__qualname__}); give "
+            f"{config_cls.__qualname__} its own `method: ClassVar[str] = ...` name"
+        )
+    if not callable(fn):
+        raise ValueError(f"fn={fn!r} is invalid; allowed: a callable")
     if mask_fn is not None and not callable(mask_fn):
         raise ValueError(f"mask_fn={mask_fn!r} is invalid; allowed: a callable or None")
-    _METHODS[config_cls] = fn
-    if mask_fn is None:
-        _MASKS.pop(config_cls, None)
-    else:
-        _MASKS[config_cls] = mask_fn
+    factory = resolve_statistic(statistic)
+    if (factory is not None) != config_cls.needs_calibration:
+        raise ValueError(
+            f"statistic={statistic!r} contradicts {config_cls.__qualname__}.needs_calibration="
+            f"{config_cls.needs_calibration}; a method reads calibration data exactly when it declares a statistic"
+        )
+    label = statistic if isinstance(statistic, str) or statistic is None else getattr(statistic, "__name__", "custom")
+    spec = MethodSpec(name, config_cls, fn, mask_fn, factory, str(label))
+    add_config_class(config_cls)
+    _SPECS[name] = spec
+    return spec
 
 
-def _registered_class(config: PruningConfig) -> type[PruningConfig] | None:
-    """The most specific class of ``config`` with a registered method."""
-    return next((cls for cls in type(config).__mro__ if cls in _METHODS), None)
+def get_spec(config: PruningConfig) -> MethodSpec:
+    """The registration for ``config``: its own class's, else the nearest registered base class's."""
+    registered = {spec.config_class: spec for spec in _SPECS.values()}
+    for cls in type(config).__mro__:
+        if cls in registered:
+            return registered[cls]
+    raise ValueError(
+        f"config of type {type(config).__name__} has no registered method; registered: "
+        f"{sorted(spec.config_class.__name__ for spec in _SPECS.values())}"
+    )
 
 
 def get_method(config: PruningConfig) -> LayerPruneFn:
     """The layer-pruning function for ``config`` (looked up by its type, most specific first)."""
-    cls = _registered_class(config)
-    if cls is not None:
-        return _METHODS[cls]
-    raise ValueError(
-        f"config of type {type(config).__name__} has no registered method; registered: "
-        f"{sorted(c.__name__ for c in _METHODS)}"
-    )
+    return get_spec(config).prune_fn
 
 
 def get_mask_method(config: PruningConfig) -> LayerMaskFn | None:
@@ -83,21 +152,20 @@ def get_mask_method(config: PruningConfig) -> LayerMaskFn | None:
         >>> get_mask_method(ADMMConfig()) is None, callable(get_mask_method(WandaConfig()))
         (True, True)
     """
-    cls = _registered_class(config)
-    return None if cls is None else _MASKS.get(cls)
+    return get_spec(config).mask_fn
 
 
 def registered_methods() -> dict[str, type[PruningConfig]]:
     """``{method name: config class}`` of every registered method."""
-    return {cls.method: cls for cls in _METHODS}
+    return {name: spec.config_class for name, spec in _SPECS.items()}
 
 
 def config_class_for(method: str | None) -> type[PruningConfig]:
     """The config class registered under ``method`` (the ``"method"`` key of a saved recipe)."""
-    methods = registered_methods()
-    if method not in methods:
-        raise ValueError(f"method={method!r} is unknown; allowed: {sorted(methods)}")
-    return methods[method]
+    classes = config_classes()
+    if method not in classes:
+        raise ValueError(f"method={method!r} is unknown; allowed: {sorted(classes)}")
+    return classes[method]
 
 
 def _admm(weight: torch.Tensor, gram: torch.Tensor | None, config: ADMMConfig) -> torch.Tensor:
@@ -137,7 +205,7 @@ def _magnitude_mask(weight: torch.Tensor, gram: torch.Tensor | None, config: Mag
     return magnitude_mask(weight, config.sparsity, nm=config.nm, per_output=config.per_output)
 
 
-register_method(ADMMConfig, _admm)
-register_method(SparseGPTConfig, _sparsegpt)
-register_method(WandaConfig, _wanda, mask_fn=_wanda_mask)
-register_method(MagnitudeConfig, _magnitude, mask_fn=_magnitude_mask)
+register_method(ADMMConfig, _admm, statistic="gram")
+register_method(SparseGPTConfig, _sparsegpt, statistic="gram")
+register_method(WandaConfig, _wanda, mask_fn=_wanda_mask, statistic="input_norms")
+register_method(MagnitudeConfig, _magnitude, mask_fn=_magnitude_mask, statistic=None)

@@ -4,11 +4,13 @@ After block ``k`` the driver records, in ``checkpoint_dir``:
 
 - ``block-{k:05d}.safetensors``: the pruned weights of block ``k``'s targeted layers;
 - ``inputs-{k+1:05d}.safetensors``: the hidden states block ``k + 1`` receives (one tensor per calibration batch);
-- ``state.json``: the fingerprint of the run (recipe, model, calibration data), the next block and the report rows.
+- ``state.json``: the fingerprint of the run (recipe, model, calibration data, Hub revision when known), the next
+  block, the report rows and the digest of every block's dense weights, taken as each block is loaded.
 
-Every file is written beside its target and renamed into place (``os.replace``), and ``state.json`` is written last,
-so a process killed at any point leaves either the previous or the new state, never a mix. A checkpoint written for
-another recipe, model or calibration set is refused with the fields that differ.
+Every file is written with :func:`optimum_admm.files.atomic_write`, and ``state.json`` last, so a process killed at
+any point leaves either the previous or the new state, never a mix. A checkpoint written for another recipe, model
+or calibration set is refused with the fields that differ; a resume re-digests the dense weights of every block it
+restores and of the next one, and refuses a model whose weights differ, naming the block.
 """
 
 from __future__ import annotations
@@ -25,10 +27,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from .files import atomic_write
 from .reporting import LayerReport
 from .version import __version__
 
-__all__ = ["CheckpointState", "block_path", "fingerprint", "load_state", "save_block", "load_block", "load_inputs"]
+__all__ = [
+    "CheckpointState",
+    "block_path",
+    "check_digest",
+    "digest_tensors",
+    "fingerprint",
+    "load_state",
+    "record_digest",
+    "save_block",
+    "load_block",
+    "load_inputs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +61,8 @@ class CheckpointState:
     fingerprint: dict[str, Any]
     next_block: int
     layers: list[LayerReport] = field(default_factory=list)
+    #: ``{block index: digest of its dense weights}`` for every block started so far.
+    digests: dict[int, str] = field(default_factory=dict)
 
 
 def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
@@ -56,11 +72,40 @@ def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
         digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy of a large embedding
 
 
-def fingerprint(model: nn.Module, config_dict: dict[str, Any], batches: list[torch.Tensor] | None) -> dict[str, Any]:
-    """Identify a run: the recipe, the model (architecture, tensor names/shapes, embedding values) and the data.
+def digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of named tensors: names, shapes, dtypes and values.
 
-    Only the input embedding's values are hashed (they are in memory even when blocks are offloaded or streamed and
-    are never pruned); the other tensors enter by name, shape and dtype.
+    Example:
+        >>> digest_tensors({"w": torch.zeros(2)}) == digest_tensors({"w": torch.zeros(2)})
+        True
+        >>> digest_tensors({"w": torch.zeros(2)}) == digest_tensors({"w": torch.ones(2)})
+        False
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        _hash_tensor(digest, tensors[name])
+    return digest.hexdigest()[:16]
+
+
+def _input_embedding_weight(model: nn.Module) -> torch.Tensor | None:
+    """The input embedding matrix, read through the model's store (``None`` where it is not in memory)."""
+    from .stores import store_for
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is embeddings), None) if embeddings is not None else None
+    if name is None or not any(True for _ in embeddings.parameters(recurse=False)):
+        return None
+    value = store_for(model).read(f"{name}.weight" if name else "weight")
+    return None if value.is_meta else value
+
+
+def fingerprint(model: nn.Module, config_dict: dict[str, Any], batches: list[torch.Tensor] | None) -> dict[str, Any]:
+    """Identify a run: the recipe, the model (architecture, tensor names/shapes, embedding values, Hub revision when
+    ``from_pretrained`` recorded one) and the data.
+
+    Only the input embedding's values are hashed here (they are in memory even when blocks are offloaded or streamed
+    and are never pruned); each block's weights are digested as the block is loaded (:func:`digest_tensors`).
 
     Example:
         >>> from torch import nn
@@ -70,22 +115,18 @@ def fingerprint(model: nn.Module, config_dict: dict[str, Any], batches: list[tor
     digest = hashlib.sha256(type(model).__name__.encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and embeddings.weight.device.type != "meta":
-        _hash_tensor(digest, embeddings.weight)
+    embedding = _input_embedding_weight(model)
+    if embedding is not None:
+        _hash_tensor(digest, embedding)
     data = hashlib.sha256()
     for batch in batches or []:
         _hash_tensor(data, batch)
     config = {k: v for k, v in config_dict.items() if k != "optimum_admm_version"}
-    return {"config": config, "model": digest.hexdigest()[:16], "calibration": data.hexdigest()[:16]}
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    result = {"config": config, "model": digest.hexdigest()[:16], "calibration": data.hexdigest()[:16]}
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if isinstance(revision, str) and revision:
+        result["revision"] = revision
+    return result
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -123,8 +164,48 @@ def load_state(checkpoint_dir: str | os.PathLike, current: dict[str, Any]) -> Ch
             "delete this one to start over"
         )
     layers = [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in saved["layers"]]
+    digests = {int(k): v for k, v in saved.get("digests", {}).items()}
     logger.info("resuming from %s at block %d", checkpoint_dir, saved["next_block"])
-    return CheckpointState(fingerprint=saved["fingerprint"], next_block=saved["next_block"], layers=layers)
+    return CheckpointState(saved["fingerprint"], saved["next_block"], layers, digests)
+
+
+def check_digest(
+    checkpoint_dir: str | os.PathLike, state: CheckpointState, index: int, name: str, digest: str
+) -> None:
+    """Refuse to resume when block ``index`` (module ``name``) has other dense weights than the recorded run.
+
+    Raises:
+        ValueError: naming the block, when a digest was recorded for it and differs.
+    """
+    recorded = state.digests.get(index)
+    if recorded is not None and recorded != digest:
+        raise ValueError(
+            f"checkpoint_dir={str(checkpoint_dir)!r} holds a run of another model: decoder block {index} ({name}) "
+            f"has other weights (recorded digest {recorded}, now {digest}); refusing to resume. Use another "
+            "checkpoint_dir or delete this one to start over"
+        )
+
+
+def _write_state(directory: Path, state: CheckpointState) -> None:
+    payload = {
+        "format": 2,
+        "optimum_admm_version": __version__,
+        "fingerprint": state.fingerprint,
+        "next_block": state.next_block,
+        "layers": [dataclasses.asdict(row) for row in state.layers],
+        "digests": {str(k): v for k, v in sorted(state.digests.items())},
+    }
+    atomic_write(directory / STATE_NAME, lambda p: p.write_text(json.dumps(payload, indent=1)))
+
+
+def record_digest(checkpoint_dir: str | os.PathLike, state: CheckpointState, index: int, digest: str) -> None:
+    """Record the digest of block ``index``'s dense weights as it starts (so a resume can check the next block)."""
+    if state.digests.get(index) == digest:
+        return
+    state.digests[index] = digest
+    directory = Path(checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_state(directory, state)
 
 
 def save_block(
@@ -140,21 +221,15 @@ def save_block(
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    _atomic_write(block_path(directory, index), lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
+    atomic_write(block_path(directory, index), lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
     if next_inputs is not None:
         hidden = {f"hidden.{j}": t.detach().to("cpu").contiguous() for j, t in enumerate(next_inputs)}
-        _atomic_write(directory / f"inputs-{index + 1:05d}.safetensors", lambda p: save_file(hidden, str(p)))
-    payload = {
-        "format": 1,
-        "optimum_admm_version": __version__,
-        "fingerprint": state.fingerprint,
-        "next_block": index + 1,
-        "layers": [dataclasses.asdict(row) for row in state.layers],
-    }
-    _atomic_write(directory / STATE_NAME, lambda p: p.write_text(json.dumps(payload, indent=1)))
-    stale = directory / f"inputs-{index:05d}.safetensors"
-    if stale.exists():
-        stale.unlink()
+        atomic_write(directory / f"inputs-{index + 1:05d}.safetensors", lambda p: save_file(hidden, str(p)))
+    state.next_block = index + 1
+    _write_state(directory, state)
+    for stale in directory.glob("inputs-*.safetensors"):  # only the next block's inputs are ever needed
+        if stale.name != f"inputs-{index + 1:05d}.safetensors":
+            stale.unlink(missing_ok=True)
 
 
 def block_path(checkpoint_dir: str | os.PathLike, index: int) -> Path:

@@ -1,8 +1,9 @@
-"""The block-by-block driver: the one place that owns hooks, devices and progress.
+"""The block-by-block driver: the one block loop, the one place that owns hooks, devices, progress and resume.
 
-For each decoder block in order: run the dense block on every calibration sample with hooks that accumulate one
-Gram matrix per distinct input (q/k/v share one, gate/up share one), prune every targeted linear with the method the
-registry gives for the config, then run the pruned block again to produce the next block's inputs. Block inputs are
+For each decoder block in order: load it through the run's weight store, run the dense block on every calibration
+sample with hooks that accumulate the statistic the method declared, once per distinct input (q/k/v share one,
+gate/up share one), prune every targeted linear with the method the registry gives for the config, then run the
+pruned block again to produce the next block's inputs, record it (resume) and release it. Block inputs are
 captured generically: a pre-hook records the hidden states and every keyword argument each block receives (masks,
 position ids, rotary ``position_embeddings``, cache position), so no architecture is named here.
 """
@@ -14,7 +15,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,14 +25,14 @@ from tqdm.auto import tqdm
 
 from . import resume
 from .activations import Storage, check_activation_storage, resolve_storage, stash
-from .configuration import PruningConfig
+from .configuration import PruningConfig, default_of
 from .masks import row_chunks
 from .memory import MaxMemory, release_freed_host_memory
 from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
-from .offload import onloaded
-from .registry import get_mask_method, get_method
-from .reporting import LayerReport, PruningReport
-from .stats import GramAccumulator, masked_reconstruction_error, relative_reconstruction_error
+from .registry import MethodSpec, get_spec
+from .reporting import LayerReport, PhaseTimer, PruningReport
+from .stats import GramAccumulator, StatisticAccumulator, masked_reconstruction_error, relative_reconstruction_error
+from .stores import InMemoryStore, WeightStore, input_device, store_for
 
 __all__ = ["prune_model"]
 
@@ -47,6 +49,23 @@ class _BlockInputs:
     # per block: the other positional and the keyword arguments it receives (the same for every sample)
     arguments: list[tuple[tuple[Any, ...], dict[str, Any]]]
     storage: Storage = torch.device("cpu")  # where block outputs are kept for the next block
+
+
+@dataclass
+class _Run:
+    """What one prune carries from block to block."""
+
+    model: nn.Module
+    config: PruningConfig
+    spec: MethodSpec
+    store: WeightStore
+    blocks: nn.ModuleList
+    layers_per_block: list[dict[str, nn.Module]]
+    report: PruningReport
+    timer: PhaseTimer
+    checkpoint_dir: Path | None = None
+    state: resume.CheckpointState | None = None
+    unpruned: list[str] = field(default_factory=list)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -81,28 +100,22 @@ def _first_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _model_input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
-        return execution_device(embeddings)
-    return execution_device(model)
-
-
 def _capture_inputs(
     model: nn.Module,
     blocks: nn.ModuleList,
     batches: list[torch.Tensor],
     storage: Storage,
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    store: WeightStore | None = None,
 ) -> _BlockInputs:
     """Record the first block's hidden states for every batch and each block's keyword arguments.
 
     The first batch runs through every (dense) block so that every block's own arguments are seen (models such
     as Gemma 3 give sliding-window and global layers different masks and rotary tables) and stops after the last
     one; the other batches stop at the first block. Keyword arguments must not depend on the sample, which holds
-    for unpadded windows. ``embed``, when given, turns a batch of token ids into the ``inputs_embeds`` the model is
-    called with (streaming mode embeds with only the embedding rows the calibration tokens use).
+    for unpadded windows. The store loads each block just before its forward and releases it just after (streaming
+    holds one block at a time) and may embed the tokens itself (streaming reads only the embedding rows they use).
     """
+    store = store or InMemoryStore(model)
     hidden: list[torch.Tensor] = []
     arguments: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * len(blocks)
     state = {"full": True}
@@ -114,25 +127,31 @@ def _capture_inputs(
             received = (tuple(args[1:]), kwargs)
             if index == 0:
                 hidden.append(stash(hidden_states, storage))
-            if state["full"]:
-                arguments[index] = received
-            elif not _same(received, arguments[0]):
-                raise RuntimeError(
-                    "the first decoder block received different keyword arguments for different calibration "
-                    "samples; optimum-admm needs sample-independent masks and positions (unpadded windows)"
-                )
             if not state["full"]:
+                if not _same(received, arguments[0]):
+                    raise RuntimeError(
+                        "the first decoder block received different keyword arguments for different calibration "
+                        "samples; optimum-admm needs sample-independent masks and positions (unpadded windows)"
+                    )
                 raise _StopForward
+            arguments[index] = received
+            store.load_block(index)
 
         return hook
 
-    def stop_after_last_block(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _StopForward  # the final norm and the head are not needed (and a tied head reads the whole embedding)
+    def after_block(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            store.release_block(index)
+            if index == len(blocks) - 1:
+                raise _StopForward  # the final norm and the head are not needed (a tied head reads the embedding)
+
+        return hook
 
     handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    handles.append(blocks[-1].register_forward_hook(stop_after_last_block))
-    device = _model_input_device(model)
+    handles += [block.register_forward_hook(after_block(i)) for i, block in enumerate(blocks)]
+    device = input_device(model)
     try:
+        embed = store.prepare_capture(batches)
         for index, batch in enumerate(batches):
             state["full"] = index == 0
             with contextlib.suppress(_StopForward):
@@ -143,6 +162,9 @@ def _capture_inputs(
     finally:
         for handle in handles:
             handle.remove()
+        for index in range(len(blocks)):  # a block whose forward an error stopped
+            store.release_block(index)
+        store.end_capture()
     missing = [i for i, received in enumerate(arguments) if received is None]
     if missing:
         raise RuntimeError(f"decoder blocks {missing} were never called during the model forward")
@@ -189,46 +211,49 @@ def _share_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: _Block
     return groups
 
 
-def _accumulate_grams(block, layers, groups, inputs, index, device, timings) -> dict[str, GramAccumulator]:
-    """Run the block on every batch; one Gram per group, filled by a hook on the group's first layer."""
-    accumulators: dict[str, GramAccumulator] = {}
+def _accumulate(run: _Run, block, layers, groups, inputs, index, device) -> dict[str, StatisticAccumulator]:
+    """Run the block on every batch; one accumulator of the method's statistic per group, filled by a hook on the
+    group's first layer."""
+    accumulators: dict[str, StatisticAccumulator] = {}
     handles = []
     for group in groups:
         leader = layers[group[0]]
-        accumulator = GramAccumulator(get_weight_matrix(leader).shape[1], device=device)
+        accumulator = run.spec.statistic(get_weight_matrix(leader).shape[1], device)
         for name in group:
             accumulators[name] = accumulator
 
-        def hook(module: nn.Module, args: tuple, acc: GramAccumulator = accumulator) -> None:
-            start = time.perf_counter()
-            acc.add(args[0])
-            timings["statistics"] += time.perf_counter() - start
+        def hook(module: nn.Module, args: tuple, acc: StatisticAccumulator = accumulator) -> None:
+            with run.timer.phase("statistics"):
+                acc.add(args[0])
 
         handles.append(leader.register_forward_pre_hook(hook))
-    start = time.perf_counter()
     try:
-        for _ in _run_block(block, inputs, index, device, device):
-            pass
+        with run.timer.phase("forward"):
+            for _ in _run_block(block, inputs, index, device, device):
+                pass
     finally:
         for handle in handles:
             handle.remove()
-    timings["forward"] += time.perf_counter() - start
     return accumulators
 
 
-def _prune_layer(name: str, module: nn.Module, gram: torch.Tensor | None, config, method) -> LayerReport:
+def _prune_layer(
+    name: str, module: nn.Module, accumulator: StatisticAccumulator | None, config: PruningConfig, spec: MethodSpec
+) -> LayerReport:
+    """Prune one layer in place with the method's function; the error is measured when the statistic is a Gram."""
     start = time.perf_counter()
     dense = get_weight_matrix(module)
-    mask_method = get_mask_method(config)
-    if mask_method is not None:
+    value = None if accumulator is None else accumulator.value
+    gram = accumulator.gram if isinstance(accumulator, GramAccumulator) else None
+    if spec.mask_fn is not None:
         # A method that only removes weights: zero them in place, a chunk of rows at a time (no pruned copy).
-        keep = mask_method(dense, gram, config)
+        keep = spec.mask_fn(dense, value, config)
         error = None if gram is None else masked_reconstruction_error(dense, keep, gram)
         for rows in row_chunks(dense):
             dense[rows].masked_fill_(~keep[rows], 0)
         del keep
     else:
-        pruned = method(dense, gram, config)
+        pruned = spec.prune_fn(dense, value, config)
         error = None if gram is None else relative_reconstruction_error(dense, pruned, gram)
         set_weight_matrix(module, pruned)
         del pruned
@@ -236,59 +261,96 @@ def _prune_layer(name: str, module: nn.Module, gram: torch.Tensor | None, config
         torch.cuda.synchronize(dense.device)
     seconds = time.perf_counter() - start
     sparsity = 1.0 - float(torch.count_nonzero(get_weight_matrix(module))) / dense.numel()
-    return LayerReport(name, tuple(dense.shape), sparsity, error, seconds)
+    row = LayerReport(name, tuple(dense.shape), sparsity, error, seconds)
+    if accumulator is not None:
+        row.num_tokens = accumulator.num_tokens
+    return row
 
 
-def _prune_block(model, block, layers, inputs, index, config, method, report, timings, unpruned) -> None:
-    """Calibrate, prune and (when there are inputs) propagate one block; offloaded weights are written back."""
-    device = execution_device(block)
+def _solve(run: _Run, name: str, accumulator: StatisticAccumulator | None) -> None:
+    with run.timer.phase("solve"), run.store.module(name) as module:
+        row = _prune_layer(name, module, accumulator, run.config, run.spec)
+    run.report.layers.append(row)
+
+
+def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
+    """Calibrate, prune and (when there are inputs) propagate one loaded block."""
+    block, layers = run.blocks[index], run.layers_per_block[index]
     if inputs is None:
         for name in layers:
-            with onloaded(model, name) as module:
-                report.layers.append(_prune_layer(name, module, None, config, method))
+            _solve(run, name, None)
         return
-    groups = _share_groups(block, layers, inputs, index, device)
-    release_freed_host_memory()  # the probe forward's temporaries, before the Grams are allocated
-    stages = groups if config.true_sequential else [[n for g in groups for n in g]]
+    device = execution_device(block)
+    with run.timer.phase("forward"):
+        groups = _share_groups(block, layers, inputs, index, device)
+    release_freed_host_memory()  # the probe forward's temporaries, before the statistics are allocated
+    stages = groups if run.config.true_sequential else [[n for g in groups for n in g]]
     for stage in stages:
-        stage_groups = [g for g in groups if g[0] in stage]
-        grams = _accumulate_grams(block, layers, stage_groups, inputs, index, device, timings)
+        accumulators = _accumulate(run, block, layers, [g for g in groups if g[0] in stage], inputs, index, device)
         release_freed_host_memory()  # the forwards' temporaries, before the solves allocate theirs
         for name in stage:
-            # The dict holds the only references: a group's Gram is freed once its last layer is pruned.
-            accumulator = grams.pop(name)
+            # The dict holds the only references: a group's statistic is freed once its last layer is pruned.
+            accumulator = accumulators.pop(name)
             if accumulator.num_tokens == 0:
-                unpruned.append(name)
+                run.unpruned.append(name)
                 continue
-            with onloaded(model, name) as module:
-                row = _prune_layer(name, module, accumulator.gram, config, method)
-            row.num_tokens = accumulator.num_tokens
-            on_cpu = accumulator.gram.device.type == "cpu"
+            _solve(run, name, accumulator)
             del accumulator
-            if on_cpu:
-                release_freed_host_memory()
-            report.layers.append(row)
-            timings["solve"] += row.seconds
-    start = time.perf_counter()
-    inputs.hidden = list(_run_block(block, inputs, index, device, inputs.storage))
-    timings["forward"] += time.perf_counter() - start
+            release_freed_host_memory()
+    if index + 1 < len(run.blocks):  # the last block's outputs feed nothing
+        with run.timer.phase("forward"):
+            inputs.hidden = list(_run_block(block, inputs, index, device, inputs.storage))
+        release_freed_host_memory()
+
+
+def _process_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
+    """Load, check, prune, record and release block ``index``."""
+    run.store.load_block(index)
+    if run.state is not None:
+        digest = resume.digest_tensors(run.store.block_tensors(index))
+        resume.check_digest(run.checkpoint_dir, run.state, index, run.store.block_name(index), digest)
+        resume.record_digest(run.checkpoint_dir, run.state, index, digest)
+    _prune_block(run, index, inputs)
+    recorded = None
+    if run.state is not None and not run.unpruned:
+        with run.timer.phase("write"):
+            run.state.layers = run.report.layers
+            hidden = inputs.hidden if inputs is not None and index + 1 < len(run.blocks) else None
+            resume.save_block(run.checkpoint_dir, index, run.store.block_tensors(index), hidden, run.state)
+            recorded = resume.block_path(run.checkpoint_dir, index)
+    run.store.commit_block(index, recorded)
+    run.store.release_block(index)
     release_freed_host_memory()
 
 
-def _pruned_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name in layers:
-        with onloaded(model, name, write_back=False) as module:
-            tensors[f"{name}.weight"] = module.weight.detach().to("cpu", copy=True)
-    return tensors
+def _restore(run: _Run, first: int, inputs: _BlockInputs | None) -> None:
+    """A resumed run: check and take the blocks finished before the interruption, and the next block's inputs."""
+    for index in range(first):
+        run.store.load_block(index)
+        digest = resume.digest_tensors(run.store.block_tensors(index))
+        resume.check_digest(run.checkpoint_dir, run.state, index, run.store.block_name(index), digest)
+        run.store.restore_block(index, resume.block_path(run.checkpoint_dir, index))
+        run.store.release_block(index)
+    run.report.layers = list(run.state.layers)
+    if inputs is not None and first < len(run.blocks):
+        with run.timer.phase("load"):
+            inputs.hidden = [stash(h, inputs.storage) for h in resume.load_inputs(run.checkpoint_dir, first)]
 
 
-def _restore_blocks(model: nn.Module, checkpoint_dir, layers_per_block, next_block: int) -> None:
-    for index in range(next_block):
-        saved = resume.load_block(checkpoint_dir, index)
-        for name in layers_per_block[index]:
-            with onloaded(model, name) as module:
-                module.weight.data.copy_(saved[f"{name}.weight"].to(module.weight.device))
+def _start_checkpoint(run: _Run, batches: list[torch.Tensor] | None) -> int:
+    """Open (or continue) the run recorded in ``checkpoint_dir``; returns the first block to prune."""
+    current = resume.fingerprint(run.model, run.report.config, batches)
+    current.update(run.store.identity())
+    run.state = resume.load_state(run.checkpoint_dir, current) or resume.CheckpointState(current, 0)
+    return run.state.next_block
+
+
+def _progress(run: _Run, index: int, bar: Any) -> None:
+    rows = run.report.layers[-len(run.layers_per_block[index]) :] if run.layers_per_block[index] else []
+    errors = [r.relative_error for r in rows if r.relative_error is not None]
+    if errors:
+        bar.set_postfix(mean_rel_error=f"{sum(errors) / len(errors):.2e}")
+        logger.info("block %d: mean relative error %.3e", index, sum(errors) / len(errors))
 
 
 def prune_model(
@@ -301,11 +363,13 @@ def prune_model(
     max_memory: MaxMemory | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     activation_cache_dir: str | os.PathLike | None = None,
+    store: WeightStore | None = None,
 ) -> PruningReport:
-    """Prune ``model`` in place, block by block, with the method registered for ``config``.
+    """Prune ``model`` in place, block by block, with the method registered for ``config``: the one block loop.
 
-    Offloaded blocks of a model dispatched by accelerate (CPU or disk offload) are pruned through their hooks' weights
-    map, so later forwards see the pruned weights.
+    Where the weights live is the ``store``'s business (:mod:`optimum_admm.stores`): in memory, offloaded by an
+    accelerate device map (written back through its weights map), or a checkpoint streamed block by block
+    (:func:`optimum_admm.streaming.prune_checkpoint`).
 
     Args:
         model: a causal LM (``PreTrainedModel``) on any device, or spread by an accelerate device map.
@@ -319,6 +383,7 @@ def prune_model(
             and data, continue from the next block (see :mod:`optimum_admm.resume`).
         activation_cache_dir: keep the calibration activations in memory-mapped files there instead of on
             ``storage_device``, for calibration sets larger than RAM (see :mod:`optimum_admm.activations`).
+        store: where the weights are read and written (default: :func:`optimum_admm.stores.store_for` the model).
 
     Returns:
         The :class:`~optimum_admm.reporting.PruningReport`.
@@ -326,66 +391,56 @@ def prune_model(
     Example:
         >>> report = prune_model(model, ADMMConfig(), batches, checkpoint_dir="ckpt")  # doctest: +SKIP
     """
-    started = time.perf_counter()
-    blocks_name, blocks = find_decoder_blocks(model)
-    layers_per_block = find_prunable_layers(
-        model, config.targets, config.ignore, blocks, blocks_name, default_targets=type(config)().targets
-    )
-    method = get_method(config)
+    run = _new_run(model, config, store, checkpoint_dir)
     storage = resolve_storage(storage_device, activation_cache_dir)
-    timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
-    report = PruningReport(method=config.method, config=config.to_dict())
-    if config.needs_calibration and calibration_batches:
+    if run.spec.needs_calibration:
+        if not calibration_batches:
+            raise ValueError(f"method {config.method!r} needs calibration_batches; got none")
         num_samples = sum(int(b.shape[0]) for b in calibration_batches)
         check_activation_storage(model, num_samples, int(calibration_batches[0].shape[1]), max_memory, storage)
-    state = None
-    if checkpoint_dir is not None:
-        current = resume.fingerprint(model, report.config, calibration_batches)
-        state = resume.load_state(checkpoint_dir, current) or resume.CheckpointState(current, 0)
-    first = 0 if state is None else state.next_block
-    unpruned: list[str] = []
+    first = 0 if checkpoint_dir is None else _start_checkpoint(run, calibration_batches)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             inputs = None
-            if config.needs_calibration:
-                if not calibration_batches:
-                    raise ValueError(f"method {config.method!r} needs calibration_batches; got none")
-                start = time.perf_counter()
-                capture = calibration_batches if first == 0 else calibration_batches[:1]
-                inputs = _capture_inputs(model, blocks, capture, storage)
-                timings["forward"] += time.perf_counter() - start
+            if run.spec.needs_calibration and first < len(run.blocks):
+                capture = calibration_batches if first == 0 else calibration_batches[:1]  # resumed: arguments only
+                with run.timer.phase("forward"):
+                    inputs = _capture_inputs(model, run.blocks, capture, storage, run.store)
             if first:
-                _restore_blocks(model, checkpoint_dir, layers_per_block, first)
-                report.layers = list(state.layers)
-                if inputs is not None and first < len(blocks):
-                    inputs.hidden = [stash(h, storage) for h in resume.load_inputs(checkpoint_dir, first)]
-            bar = tqdm(
-                range(first, len(blocks)), desc=f"Pruning ({config.method})", unit="block", disable=not show_progress
-            )
+                _restore(run, first, inputs)
+            blocks = range(first, len(run.blocks))
+            bar = tqdm(blocks, desc=f"Pruning ({config.method})", unit="block", disable=not show_progress)
             for index in bar:
-                layers = layers_per_block[index]
-                _prune_block(model, blocks[index], layers, inputs, index, config, method, report, timings, unpruned)
-                errors = [r.relative_error for r in report.layers[-len(layers) :] if r.relative_error is not None]
-                if errors:
-                    bar.set_postfix(mean_rel_error=f"{sum(errors) / len(errors):.2e}")
-                    logger.info("block %d: mean relative error %.3e", index, sum(errors) / len(errors))
-                if state is not None and not unpruned:
-                    state.layers = report.layers
-                    hidden = inputs.hidden if inputs is not None and index + 1 < len(blocks) else None
-                    resume.save_block(checkpoint_dir, index, _pruned_tensors(model, layers), hidden, state)
+                _process_block(run, index, inputs)
+                _progress(run, index, bar)
     finally:
         model.train(was_training)
-    if unpruned:
+    if run.unpruned:
         raise RuntimeError(
-            f"{len(unpruned)} targeted layers received no calibration input and were left dense: {unpruned[:5]}; "
-            "add them to `ignore` or use more calibration samples"
+            f"{len(run.unpruned)} targeted layers received no calibration input and were left dense: "
+            f"{run.unpruned[:5]}; add them to `ignore` or use more calibration samples"
         )
-    if not config.needs_calibration:
-        timings["solve"] = sum(r.seconds for r in report.layers)
-    report.forward_seconds = timings["forward"] - timings["statistics"]
-    report.statistics_seconds = timings["statistics"]
-    report.solve_seconds = timings["solve"]
-    report.total_seconds = time.perf_counter() - started
+    return _finish_report(run)
+
+
+def _new_run(model, config, store, checkpoint_dir) -> _Run:
+    blocks_name, blocks = find_decoder_blocks(model)
+    default_targets = default_of(type(config), "targets")
+    layers = find_prunable_layers(model, config.targets, config.ignore, blocks, blocks_name, default_targets)
+    store = store or store_for(model)
+    store.bind(blocks_name, blocks)
+    report = PruningReport(method=config.method, config=config.to_dict())
+    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
+    return _Run(model, config, get_spec(config), store, blocks, layers, report, store.timer, directory)
+
+
+def _finish_report(run: _Run) -> PruningReport:
+    seconds, report = run.timer.seconds, run.report
+    report.forward_seconds = seconds["forward"]
+    report.statistics_seconds = seconds["statistics"]
+    report.solve_seconds = seconds["solve"]
+    report.load_seconds, report.write_seconds = seconds["load"], seconds["write"]
+    report.total_seconds = run.timer.wall
     return report

@@ -1,16 +1,49 @@
 """Input statistics of a linear layer, shared between layers that read the same input.
 
-The Gram matrix ``G = X^T X`` (fp32, summed over every calibration token) is all ADMM and SparseGPT need; its
-diagonal holds the squared input-channel norms that Wanda uses.
+A method declares the statistic it needs when it is registered (:func:`optimum_admm.registry.register_method`),
+and the driver collects exactly that, once per distinct input:
+
+- ``"gram"``: the Gram matrix ``G = X^T X`` (fp32, in x in, summed over every calibration token): ADMM, SparseGPT;
+- ``"input_norms"``: the squared input-channel norms ``sum_t x_tj^2`` (fp32, in): Wanda. The Gram's diagonal, at
+  O(in) memory instead of O(in^2) (for a 70B ``down_proj``, 115 KB instead of 3.3 GB);
+- ``None``: nothing (magnitude);
+- or any factory ``(in_features, device) -> accumulator`` whose accumulator has ``add(inputs)``, ``num_tokens``
+  and ``value`` (what the method's function receives).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 from .masks import row_chunks
 
-__all__ = ["GramAccumulator", "relative_reconstruction_error", "masked_reconstruction_error"]
+__all__ = [
+    "GramAccumulator",
+    "InputNormAccumulator",
+    "Statistic",
+    "StatisticAccumulator",
+    "resolve_statistic",
+    "relative_reconstruction_error",
+    "masked_reconstruction_error",
+]
+
+
+class StatisticAccumulator(Protocol):
+    """What the driver needs of an accumulator: it adds each input batch and hands ``value`` to the method."""
+
+    num_tokens: int
+
+    def add(self, inputs: torch.Tensor) -> None: ...
+
+    @property
+    def value(self) -> Any: ...
+
+
+#: A declared statistic: a built-in name or a factory ``(in_features, device) -> accumulator``.
+Statistic = str | Callable[[int, torch.device], StatisticAccumulator] | None
 
 
 class GramAccumulator:
@@ -32,6 +65,61 @@ class GramAccumulator:
         x = inputs.reshape(-1, inputs.shape[-1]).to(device=self.gram.device, dtype=torch.float32)
         self.gram.addmm_(x.T, x)
         self.num_tokens += x.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The Gram matrix ``(in, in)``."""
+        return self.gram
+
+
+class InputNormAccumulator:
+    """Accumulates the squared norm of every input channel, ``sum_t x_tj^2``, in fp32 (the Gram's diagonal).
+
+    Example:
+        >>> acc = InputNormAccumulator(3)
+        >>> acc.add(torch.ones(2, 5, 3))
+        >>> acc.value.tolist(), acc.num_tokens
+        ([10.0, 10.0, 10.0], 10)
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.squared_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.num_tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Add the tokens of ``inputs`` (``(..., in_features)``)."""
+        x = inputs.reshape(-1, inputs.shape[-1]).to(device=self.squared_norms.device, dtype=torch.float32)
+        self.squared_norms.add_(x.square().sum(dim=0))
+        self.num_tokens += x.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The squared input-channel norms ``(in,)``."""
+        return self.squared_norms
+
+
+_BUILT_IN: dict[str, Callable[[int, torch.device], StatisticAccumulator]] = {
+    "gram": GramAccumulator,
+    "input_norms": InputNormAccumulator,
+}
+
+
+def resolve_statistic(statistic: Statistic) -> Callable[[int, torch.device], StatisticAccumulator] | None:
+    """The accumulator factory of a declared statistic (``None`` for a method that reads no inputs).
+
+    Example:
+        >>> resolve_statistic("input_norms") is InputNormAccumulator
+        True
+    """
+    if statistic is None:
+        return None
+    if isinstance(statistic, str):
+        if statistic not in _BUILT_IN:
+            raise ValueError(f"statistic={statistic!r} is unknown; allowed: {sorted(_BUILT_IN)}, None or a factory")
+        return _BUILT_IN[statistic]
+    if callable(statistic):
+        return statistic
+    raise ValueError(f"statistic={statistic!r} is invalid; allowed: {sorted(_BUILT_IN)}, None or a factory")
 
 
 def relative_reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:

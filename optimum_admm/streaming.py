@@ -5,45 +5,47 @@ matched to the checkpoint's through the renamings ``from_pretrained`` applies. F
 modules outside the decoder blocks are loaded, and of the input embedding only the rows of the calibration tokens
 (a forward through a memory-mapped embedding would page most of it in). Then, for each block in order, its tensors
 are read from the source shards with safetensors' lazy ``safe_open`` and placed with accelerate's
-``set_module_tensor_to_device`` on the execution device; the block is calibrated, pruned and propagated by the same
-code as the in-memory driver (so the result is bitwise identical), written to its own output shard and returned to
-``meta``. The non-block modules are loaded again only to be written, at the end, so while the blocks are pruned peak
-memory is one block + the calibration activations + the Gram statistics + one layer's solver workspace (for
-Wanda and magnitude, which zero weights in place, a one-byte-per-weight mask).
+``set_module_tensor_to_device`` on the execution device; the block is calibrated, pruned and propagated by the one
+driver, :func:`optimum_admm.sequential.prune_model`, through a :class:`CheckpointStore` (so the result is bitwise
+identical to an in-memory prune), written to its own output shard and returned to ``meta``. The non-block modules are
+loaded again only to be written, at the end, so while the blocks are pruned peak memory is one block + the
+calibration activations + the method's statistics (a Gram per distinct input for ADMM and SparseGPT, input norms for
+Wanda) + one layer's solver workspace (for Wanda and magnitude, which zero weights in place, a one-byte-per-weight
+mask).
 
-The output directory (one shard per block plus one for the rest, an index, the config, tokenizer files and
-``pruning_config.json``) is written beside ``save_dir`` and renamed into place when complete; the source is only read.
+The output directory (one shard per block plus one for the rest, an index, the allow-listed config and tokenizer
+files, ``pruning_config.json`` and the model card) is staged beside ``save_dir`` and renamed into place when complete;
+the source is only read, and neither its other weight files nor its card are copied.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import resume
-from .activations import check_activation_storage, resolve_storage, stash
 from .calibration import CalibrationSource, describe_source, get_calibration_data
 from .configuration import PruningConfig
-from .export import PRUNING_CONFIG_NAME, check_save_dir, pruning_metadata, staged_directory
+from .export import check_save_dir, write_pruning_files
+from .files import staged_directory
 from .memory import MaxMemory, release_freed_host_memory
-from .modeling import find_decoder_blocks, find_prunable_layers
-from .registry import get_method
-from .reporting import PruningReport
-from .sequential import _capture_inputs, _prune_block
+from .registry import get_spec
+from .reporting import PhaseTimer, PruningReport
+from .sequential import prune_model
+from .stores import WeightStore
 
-__all__ = ["StreamingResult", "prune_checkpoint", "checkpoint_weight_map"]
+__all__ = ["COPIED_FILES", "CheckpointStore", "StreamingResult", "prune_checkpoint", "checkpoint_weight_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class StreamingResult:
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
     shards: list[str] = field(default_factory=list)
+    #: What the ``evaluate`` callback returned (also in the sidecar and the card).
+    evaluation: Mapping[str, Any] | None = None
 
 
 def checkpoint_weight_map(source: str | os.PathLike) -> dict[str, str]:
@@ -230,9 +234,146 @@ def _skeleton(source: Path, weight_map: dict[str, str]) -> tuple[nn.Module, _Che
     return model.eval(), _Checkpoint(source, files, stored)
 
 
-def _sequence_length(model: nn.Module, requested: int) -> int:
+def calibration_length(model: nn.Module, requested: int) -> int:
+    """The calibration window length used for ``model``: ``requested``, capped at its position embeddings."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return min(requested, limit) if isinstance(limit, int) and limit > 0 else requested
+
+
+#: What a streamed output copies from the source besides the weights: the config, the generation config and the
+#: tokenizer. Never the source's weights in another format, its model card or anything else.
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+class CheckpointStore(WeightStore):
+    """A safetensors checkpoint pruned block by block into a staged output directory.
+
+    The model is a skeleton on ``meta``; a block's tensors are read from the source shards (``safe_open``) onto the
+    execution device when it is loaded and returned to ``meta`` when it is released. A committed block is written
+    to its own output shard (or hard-linked from the resume checkpoint that recorded it); :meth:`finish` writes the
+    modules outside the blocks, the index and the allow-listed :data:`COPIED_FILES`.
+
+    Example:
+        >>> model, checkpoint = _skeleton(Path("llama"), checkpoint_weight_map("llama"))  # doctest: +SKIP
+        >>> store = CheckpointStore(model, checkpoint, Path("staging"), torch.device("cpu"))  # doctest: +SKIP
+    """
+
+    def __init__(self, model, checkpoint: _Checkpoint, staging: Path, device: torch.device, timer=None) -> None:
+        super().__init__(model, timer)
+        self.checkpoint, self.staging, self.device = checkpoint, staging, device
+        self.block_keys: list[list[str]] = []
+        self.other_keys: list[str] = []
+        self.embedding_key: str | None = None
+        self.shards: list[str] = []
+        self._early: list[str] = []
+
+    def bind(self, blocks_name: str, blocks: nn.ModuleList) -> None:
+        super().bind(blocks_name, blocks)
+        files = self.checkpoint.files
+        self.block_keys = [
+            sorted(k for k in files if k.startswith(f"{self.block_name(i)}.")) for i in range(len(blocks))
+        ]
+        in_blocks = {k for keys in self.block_keys for k in keys}
+        self.other_keys = sorted(set(files) - in_blocks)
+        self.embedding_key = _input_embedding_key(self.model, files)
+
+    def _shard(self, index: int) -> str:
+        return _shard_name(index, len(self.blocks) + 1)
+
+    def prepare_capture(self, batches: list[torch.Tensor]):
+        # Only the capture reads modules outside the blocks, and of the input embedding only the rows of the
+        # calibration tokens (see _embedding_rows).
+        self._early = [k for k in self.other_keys if k != self.embedding_key]
+        with self.timer.phase("load"):
+            _load_tensors(self.model, self.checkpoint, self._early, self.device, page_in=False)
+            self.model.tie_weights()
+            if self.embedding_key is None:
+                return None
+            return _embedding_rows(self.model, self.checkpoint, self.embedding_key, batches, self.device)
+
+    def end_capture(self) -> None:
+        # The embeddings, final norm and head are not needed again until they are written: hold one block only.
+        _free(self.model, self._early)
+        self._early = []
+        self.model.tie_weights()
+
+    def load_block(self, index: int) -> None:
+        if any(p.device.type == "meta" for p in self.blocks[index].parameters()):
+            with self.timer.phase("load"):
+                _load_tensors(self.model, self.checkpoint, self.block_keys[index], self.device)
+
+    def release_block(self, index: int) -> None:
+        _free(self.model, self.block_keys[index])
+        release_freed_host_memory()  # the block's tensors and forward temporaries, before the next block is read
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        return _block_tensors(self.model, self.block_keys[index])
+
+    def restore_block(self, index: int, recorded: Path) -> None:
+        with self.timer.phase("write"):
+            _link_or_copy(recorded, self.staging / self._shard(index))
+
+    def commit_block(self, index: int, recorded: Path | None) -> None:
+        with self.timer.phase("write"):
+            if recorded is not None:
+                _link_or_copy(recorded, self.staging / self._shard(index))
+            else:
+                _write_shard(self.model, self.block_keys[index], self.staging / self._shard(index))
+
+    def identity(self) -> dict[str, Any]:
+        with self.timer.phase("load"):
+            return {"source": _source_digest(self.checkpoint, self.embedding_key)}
+
+    def finish(self) -> list[str]:
+        """Write the non-block shard, the index and the copied files; returns the shard names."""
+        first = f"model-00001-of-{len(self.blocks) + 1:05d}.safetensors"
+        shards = [self._shard(i) for i in range(len(self.blocks))]
+        with self.timer.phase("load"):
+            _load_tensors(self.model, self.checkpoint, self.other_keys, "cpu")
+        with self.timer.phase("write"):
+            _write_shard(self.model, self.other_keys, self.staging / first)
+            _free(self.model, self.other_keys)
+            weight_map = dict.fromkeys(self.other_keys, first)
+            for shard, keys in zip(shards, self.block_keys, strict=True):
+                weight_map.update(dict.fromkeys(keys, shard))
+            size = sum((self.staging / f).stat().st_size for f in [first, *shards])
+            index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+            (self.staging / _INDEX).write_text(json.dumps(index, indent=2))
+            for name in COPIED_FILES:
+                if (self.checkpoint.directory / name).is_file():
+                    shutil.copy2(self.checkpoint.directory / name, self.staging / name)
+        return [first, *shards]
+
+
+def _calibration_batches(model, source: Path, config: PruningConfig, dataset, tokenizer):
+    """The calibration windows (one batch each) and their description for the report; ``(None, {})`` without."""
+    if not config.needs_calibration:
+        return None, {}
+    if dataset is None:
+        raise ValueError(f"calibration_dataset=None is invalid for method {config.method!r}")
+    if tokenizer is None and not isinstance(dataset, torch.Tensor):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    length = calibration_length(model, config.sequence_length)
+    ids = get_calibration_data(dataset, tokenizer, config.num_samples, length, seed=config.seed)
+    calibration = {"dataset": describe_source(dataset), "num_samples": int(ids.shape[0])}
+    calibration.update({"sequence_length": int(ids.shape[1]), "seed": config.seed})
+    return list(ids.split(1)), calibration
 
 
 def prune_checkpoint(
@@ -249,8 +390,17 @@ def prune_checkpoint(
     show_progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     activation_cache_dir: str | os.PathLike | None = None,
+    evaluate: Callable[[Path], Mapping[str, Any] | None] | None = None,
+    model_card: bool = True,
+    base_model: str | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
 ) -> StreamingResult:
     """Prune the checkpoint in ``source`` block by block into ``save_dir``, holding one block at a time.
+
+    The blocks go through the same driver as an in-memory prune (:func:`optimum_admm.sequential.prune_model`) over
+    a :class:`CheckpointStore`, so the result is bitwise identical. The output (shards, index, config, tokenizer
+    files, ``pruning_config.json`` and the model card) is complete before it is renamed into ``save_dir``.
 
     Args:
         source: a local directory with safetensors weights (sharded or not) and ``config.json``; only read.
@@ -268,6 +418,12 @@ def prune_checkpoint(
             :mod:`optimum_admm.resume`. The output is still only renamed into ``save_dir`` when complete.
         activation_cache_dir: keep the calibration activations in memory-mapped files there instead of on
             ``storage_device`` (see :mod:`optimum_admm.activations`).
+        evaluate: called with the staged output directory once its weights are complete; what it returns
+            (``{dataset: perplexity}``) goes into the sidecar and the card, before the output is renamed into place.
+        model_card: write a ``README.md`` model card (never the source's).
+        base_model: Hub id of the dense model, for the card.
+        license: the card's license.
+        repo_id: the Hub repo the output is meant for (the card's usage snippet).
 
     Example:
         >>> from optimum_admm import ADMMConfig
@@ -275,127 +431,43 @@ def prune_checkpoint(
         ...     execution_device="cuda:0")
         >>> result.load_seconds, result.compute_seconds, result.write_seconds  # doctest: +SKIP
     """
-    started = time.perf_counter()
+    timer = PhaseTimer()
     source, target = Path(source), check_save_dir(save_dir, overwrite)
-    weight_map = checkpoint_weight_map(source)
-    device, storage = torch.device(execution_device), resolve_storage(storage_device, activation_cache_dir)
-    method = get_method(config)
-    model, checkpoint = _skeleton(source, weight_map)
-    weight_map = checkpoint.files
-    blocks_name, blocks = find_decoder_blocks(model)
-    layers_per_block = find_prunable_layers(
-        model, config.targets, config.ignore, blocks, blocks_name, default_targets=type(config)().targets
-    )
-    block_keys = [sorted(k for k in weight_map if k.startswith(f"{blocks_name}.{i}.")) for i in range(len(blocks))]
-    other_keys = sorted(set(weight_map) - {k for keys in block_keys for k in keys})
-    batches, calibration = None, {}
-    if config.needs_calibration:
-        if calibration_dataset is None:
-            raise ValueError(f"calibration_dataset=None is invalid for method {config.method!r}")
-        if tokenizer is None and not isinstance(calibration_dataset, torch.Tensor):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        length = _sequence_length(model, config.sequence_length)
-        ids = get_calibration_data(calibration_dataset, tokenizer, config.num_samples, length, seed=config.seed)
-        check_activation_storage(model, int(ids.shape[0]), int(ids.shape[1]), max_memory, storage)
-        batches = list(ids.split(1))
-        calibration = {"dataset": describe_source(calibration_dataset), "num_samples": int(ids.shape[0])}
-        calibration.update({"sequence_length": int(ids.shape[1]), "seed": config.seed})
-
-    result = StreamingResult(report=None, save_dir=target)
-    report = PruningReport(method=config.method, config=config.to_dict(), calibration=calibration)
-    timings = {"forward": 0.0, "statistics": 0.0, "solve": 0.0}
-    total = len(blocks) + 1
-    embedding_key = _input_embedding_key(model, weight_map)
-    with staged_directory(target) as tmp:
-        # Only the capture reads modules outside the blocks, and of the input embedding only the rows of the
-        # calibration tokens (see _embedding_rows); without calibration data nothing is loaded before the blocks.
-        early_keys = [k for k in other_keys if k != embedding_key] if batches is not None else []
-        result.load_seconds += _load_tensors(model, checkpoint, early_keys, device, page_in=False)
-        model.tie_weights()
-        state, first = None, 0
-        if checkpoint_dir is not None:
-            current = resume.fingerprint(model, report.config, batches)
-            current["source"] = _source_digest(checkpoint, embedding_key)
-            state = resume.load_state(checkpoint_dir, current) or resume.CheckpointState(current, 0)
-            first = state.next_block
-            report.layers = list(state.layers)
-            for index in range(first):  # blocks finished before the interruption: their shards as recorded
-                _link_or_copy(resume.block_path(checkpoint_dir, index), tmp / _shard_name(index, total))
-                result.shards.append(_shard_name(index, total))
-        unpruned: list[str] = []
-        with torch.no_grad():
-            inputs = None
-            if batches is not None and first < len(blocks):
-                start = time.perf_counter()
-                capture = batches if first == 0 else batches[:1]  # on resume: only the blocks' other arguments
-                embed = None
-                if embedding_key is not None:
-                    embed, seconds = _embedding_rows(model, checkpoint, embedding_key, capture, device)
-                    result.load_seconds += seconds
-                inputs = _capture_with_streamed_blocks(
-                    model, blocks, block_keys, capture, checkpoint, device, storage, result, embed
-                )
-                del embed
-                if first:
-                    inputs.hidden = [stash(h, storage) for h in resume.load_inputs(checkpoint_dir, first)]
-                result.compute_seconds += time.perf_counter() - start
-            # The embeddings, final norm and head are not needed again until they are written: hold one block only.
-            _free(model, early_keys)
-            model.tie_weights()
-            bar = tqdm(
-                range(first, len(blocks)),
-                desc=f"Streaming ({config.method})",
-                unit="block",
-                disable=not show_progress,
-            )
-            for index in bar:
-                result.load_seconds += _load_tensors(model, checkpoint, block_keys[index], device)
-                start = time.perf_counter()
-                _prune_block(
-                    model,
-                    blocks[index],
-                    layers_per_block[index],
-                    inputs,
-                    index,
-                    config,
-                    method,
-                    report,
-                    timings,
-                    unpruned,
-                )
-                result.compute_seconds += time.perf_counter() - start
-                shard = _shard_name(index, total)
-                start = time.perf_counter()
-                if state is not None and not unpruned:
-                    state.layers = report.layers
-                    hidden = inputs.hidden if inputs is not None and index + 1 < len(blocks) else None
-                    tensors = _block_tensors(model, block_keys[index])
-                    resume.save_block(checkpoint_dir, index, tensors, hidden, state)
-                    del tensors
-                    _link_or_copy(resume.block_path(checkpoint_dir, index), tmp / shard)
-                    result.write_seconds += time.perf_counter() - start
-                else:
-                    result.write_seconds += _write_shard(model, block_keys[index], tmp / shard)
-                result.shards.append(shard)
-                _free(model, block_keys[index])
-                release_freed_host_memory()
-        if unpruned:
-            raise RuntimeError(f"{len(unpruned)} targeted layers received no calibration input: {unpruned[:5]}")
-        result.write_seconds += _write_rest(
-            model, checkpoint, tmp, other_keys, block_keys, result, total, config, report
+    get_spec(config)  # an unregistered config fails before anything is read
+    with timer.phase("load"):
+        model, checkpoint = _skeleton(source, checkpoint_weight_map(source))
+    batches, calibration = _calibration_batches(model, source, config, calibration_dataset, tokenizer)
+    card = {"base_model": base_model, "license": license, "repo_id": repo_id} if model_card else None
+    with staged_directory(target) as staging:
+        store = CheckpointStore(model, checkpoint, staging, torch.device(execution_device), timer)
+        report = prune_model(
+            model,
+            config,
+            batches,
+            storage_device,
+            show_progress,
+            max_memory=max_memory,
+            checkpoint_dir=checkpoint_dir,
+            activation_cache_dir=activation_cache_dir,
+            store=store,
         )
-    report.forward_seconds = timings["forward"] - timings["statistics"]
-    report.statistics_seconds, report.solve_seconds = timings["statistics"], timings["solve"]
-    report.total_seconds = time.perf_counter() - started
-    result.report = report
+        report.calibration = calibration
+        shards = store.finish()
+        evaluation = evaluate(staging) if evaluate is not None else None
+        with timer.phase("write"):
+            write_pruning_files(
+                staging, config, report, evaluation_results=evaluation, card_kwargs=card, model_config=model.config
+            )
+    load, write = timer.seconds["load"], timer.seconds["write"]
+    report.load_seconds, report.write_seconds, report.total_seconds = load, write, timer.wall
+    result = StreamingResult(report, target, load, report.total_seconds - load - write, write, shards)
+    result.evaluation = evaluation
     logger.info(
         "streamed %d blocks: load %.1fs, compute %.1fs, write %.1fs",
-        len(blocks),
-        result.load_seconds,
+        len(store.blocks),
+        load,
         result.compute_seconds,
-        result.write_seconds,
+        write,
     )
     return result
 
@@ -430,9 +502,7 @@ def _embedding_rows(model, checkpoint, key, batches, device):
     the kernel maps the pages around each one read), and for large vocabularies the embedding is bigger than a
     block. The distinct token ids are read with ``safe_open(...).get_slice`` in contiguous runs; the model's own
     embedding module (with any scaling it applies) embeds each batch through a compact weight of those rows only.
-    Returns the function and the seconds spent reading.
     """
-    start = time.perf_counter()
     module = model.get_input_embeddings()
     rows = torch.unique(torch.cat([batch.reshape(-1) for batch in batches]))  # sorted
     with checkpoint.open(key) as handle:
@@ -452,53 +522,4 @@ def _embedding_rows(model, checkpoint, key, batches, device):
         finally:
             module._parameters["weight"] = saved
 
-    return embed, time.perf_counter() - start
-
-
-def _capture_with_streamed_blocks(model, blocks, block_keys, batches, checkpoint, device, storage, result, embed=None):
-    """The driver's input capture, with each block loaded just before its forward and freed just after."""
-
-    def load(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if all(p.device.type != "meta" for p in module.parameters()):
-                return  # still loaded: the capture stopped this block's forward on an earlier batch
-            result.load_seconds += _load_tensors(model, checkpoint, block_keys[index], device)
-
-        return hook
-
-    def free(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            _free(model, block_keys[index])
-            release_freed_host_memory()  # the block's forward temporaries, before the next block is read
-
-        return hook
-
-    handles = [b.register_forward_pre_hook(load(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    handles += [b.register_forward_hook(free(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        return _capture_inputs(model, blocks, batches, storage, embed)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for keys in block_keys:  # a block whose forward was stopped by the capture hook
-            with contextlib.suppress(Exception):
-                _free(model, keys)
-
-
-def _write_rest(model, checkpoint, tmp, other_keys, block_keys, result, total, config, report) -> float:
-    """The non-block shard, the index, config/tokenizer files and ``pruning_config.json``."""
-    first = f"model-00001-of-{total:05d}.safetensors"
-    result.load_seconds += _load_tensors(model, checkpoint, other_keys, "cpu")
-    seconds = _write_shard(model, other_keys, tmp / first)
-    _free(model, other_keys)
-    weight_map = dict.fromkeys(other_keys, first)
-    for shard, keys in zip(result.shards, block_keys, strict=True):
-        weight_map.update(dict.fromkeys(keys, shard))
-    size = sum((tmp / f).stat().st_size for f in [first, *result.shards])
-    (tmp / _INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
-    for path in checkpoint.directory.iterdir():
-        if path.is_file() and not path.name.endswith(".safetensors") and path.name != _INDEX:
-            shutil.copy2(path, tmp / path.name)
-    metadata = pruning_metadata(config, report)
-    (tmp / PRUNING_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
-    return seconds
+    return embed

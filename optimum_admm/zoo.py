@@ -27,12 +27,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+from .files import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -253,24 +254,22 @@ def materialize(name: str = "smollm2-135m", cache_dir: str | Path | None = None)
         return target
     _check_installed(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    try:
-        with tempfile.TemporaryDirectory(prefix="gguf-", dir=target.parent) as workdir:
-            gguf_path = _LOCATORS[name](Path(workdir))
-            digest = _sha256(gguf_path)
-            if digest != source.sha256:
-                raise RuntimeError(f"{gguf_path} has sha256 {digest}, expected {source.sha256}: a different file")
-            _convert(gguf_path, staging)
-        _write_source(source, digest, staging)
-        _make_readable(staging)
-        if target.exists():  # an incomplete leftover from an older layout
-            shutil.rmtree(target)
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if _is_complete(target):  # another process finished first
+    from filelock import FileLock
+
+    # One process materialises a model at a time; the others wait and then find it complete. Without the lock a
+    # second process could remove the first one's finished checkpoint as an "incomplete leftover".
+    with FileLock(str(target.parent / f".{name}.lock")):
+        if _is_complete(target):
+            logger.info("Using the checkpoint another process materialised at %s", target)
             return target
-        raise
+        with staged_directory(target) as staging:  # an incomplete leftover is replaced; Ctrl-C removes the staging
+            with tempfile.TemporaryDirectory(prefix="gguf-", dir=target.parent) as workdir:
+                gguf_path = _LOCATORS[name](Path(workdir))
+                digest = _sha256(gguf_path)
+                if digest != source.sha256:
+                    raise RuntimeError(f"{gguf_path} has sha256 {digest}, expected {source.sha256}: a different file")
+                _convert(gguf_path, staging)
+            _write_source(source, digest, staging)
     logger.info("Materialised %s at %s", source.title, target)
     return target
 
@@ -291,15 +290,6 @@ def _write_source(source: ModelSource, digest: str, folder: Path) -> None:
         "note": "Weights dequantised from a 4-bit GGUF: real learnt weights on a 4-bit grid.",
     }
     (folder / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def _make_readable(folder: Path) -> None:
-    """Give the folder and its files the usual permissions (mkdtemp and the writers make them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~umask)
 
 
 def read_source(folder: str | Path) -> dict:

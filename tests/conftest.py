@@ -184,13 +184,15 @@ def tiny_model_name(request) -> str:
     return request.param
 
 
-def interrupt_at_block(monkeypatch, module, block: int) -> None:
-    """Make ``module._prune_block`` (the driver's or streaming's) raise KeyboardInterrupt when it reaches ``block``."""
-    real = module._prune_block
+def interrupt_at_block(monkeypatch, block: int) -> None:
+    """Make the driver (every mode runs the one loop) raise KeyboardInterrupt when it reaches ``block``."""
+    from optimum_admm import sequential
 
-    def failing(model, block_module, layers, inputs, index, *args):
+    real = sequential._prune_block
+
+    def failing(run, index, inputs):
         if index == block:
             raise KeyboardInterrupt
-        return real(model, block_module, layers, inputs, index, *args)
+        return real(run, index, inputs)
 
-    monkeypatch.setattr(module, "_prune_block", failing)
+    monkeypatch.setattr(sequential, "_prune_block", failing)

@@ -144,8 +144,9 @@ def test_mask_only_methods_zero_weights_in_place_exactly_as_their_functions(conf
     from transformers.pytorch_utils import Conv1D
 
     from optimum_admm.modeling import get_weight_matrix
-    from optimum_admm.registry import get_mask_method, get_method
+    from optimum_admm.registry import get_mask_method, get_method, get_spec
     from optimum_admm.sequential import _prune_layer
+    from optimum_admm.stats import GramAccumulator
 
     torch.manual_seed(0)
     out_features, in_features = 300, 1000  # 262 rows per chunk of 2^18 elements: the in-place fill runs in 2 chunks
@@ -156,12 +157,14 @@ def test_mask_only_methods_zero_weights_in_place_exactly_as_their_functions(conf
     )
     torch.nn.init.normal_(module.weight)
     x = torch.randn(64, in_features) * torch.linspace(0.1, 3.0, in_features)
-    gram = x.T @ x
+    accumulator = GramAccumulator(in_features)
+    accumulator.add(x)
+    gram = accumulator.gram
     dense = get_weight_matrix(module).clone()
     expected = get_method(config)(dense.clone(), gram, config)
     assert get_mask_method(config) is not None
     storage = module.weight.data_ptr()
-    row = _prune_layer("layer", module, gram, config, get_method(config))
+    row = _prune_layer("layer", module, accumulator, config, get_spec(config))
     assert module.weight.data_ptr() == storage  # zeroed in place, no new tensor
     assert torch.equal(get_weight_matrix(module), expected)
     assert row.sparsity == pytest.approx(1 - float(torch.count_nonzero(expected)) / expected.numel())
@@ -189,10 +192,10 @@ def test_a_registered_mask_function_is_what_the_driver_calls(monkeypatch, tokeni
     from dataclasses import dataclass
     from typing import ClassVar
 
-    from optimum_admm import registry
+    from optimum_admm import configuration, registry
 
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
-    monkeypatch.setattr(registry, "_MASKS", dict(registry._MASKS))
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+    monkeypatch.setattr(configuration, "_CONFIG_CLASSES", dict(configuration._CONFIG_CLASSES))
 
     @dataclass
     class EveryOtherConfig(MagnitudeConfig):
@@ -207,8 +210,8 @@ def test_a_registered_mask_function_is_what_the_driver_calls(monkeypatch, tokeni
         return keep
 
     with pytest.raises(ValueError, match="mask_fn=3 is invalid"):
-        registry.register_method(EveryOtherConfig, refuse, mask_fn=3)
-    registry.register_method(EveryOtherConfig, refuse, mask_fn=every_other)
+        registry.register_method(EveryOtherConfig, refuse, mask_fn=3, statistic=None)
+    registry.register_method(EveryOtherConfig, refuse, mask_fn=every_other, statistic=None)
     model = build_tiny_model("llama")
     report = ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=EveryOtherConfig()).prune(
         show_progress=False
@@ -216,5 +219,5 @@ def test_a_registered_mask_function_is_what_the_driver_calls(monkeypatch, tokeni
     assert report.sparsity == pytest.approx(0.5)
     weight = model.model.layers[0].mlp.down_proj.weight
     assert torch.count_nonzero(weight[:, 1::2]) == 0 and torch.count_nonzero(weight[:, ::2]) == weight[:, ::2].numel()
-    registry.register_method(EveryOtherConfig, every_other)  # re-registered without one: the mask function is gone
-    assert registry.get_mask_method(EveryOtherConfig()) is None
+    with pytest.raises(ValueError, match="method 'every-other' is registered already"):
+        registry.register_method(EveryOtherConfig, every_other, statistic=None)  # a name is registered once

@@ -142,7 +142,8 @@ def test_non_empty_target_needs_overwrite(pruned, tmp_path):
 def test_staging_left_by_a_dead_process_of_this_host_is_removed(tmp_path):
     import os
 
-    from optimum_admm.export import _host, staged_directory
+    from optimum_admm.files import host_name as _host
+    from optimum_admm.files import staged_directory
 
     target = tmp_path / "model"
     dead = tmp_path / f".model.tmp-{_host()}-999999999-abc"  # beyond any pid_max: no such process

@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import build_tiny_model, interrupt_at_block, make_text
 
-import optimum_admm.sequential as sequential
 from optimum_admm import ADMMConfig, ADMMPruner
 
 FAST = {"num_samples": 4, "sequence_length": 32, "seed": 1}
@@ -39,7 +38,7 @@ def test_exception_then_resume_is_identical(family, tokenizer, corpus_text, tmp_
     expected_report = _prune(reference, tokenizer, corpus_text)
     checkpoint = tmp_path / "ckpt"
     with monkeypatch.context() as patch:
-        interrupt_at_block(patch, sequential, block=1)
+        interrupt_at_block(patch, block=1)
         with pytest.raises(KeyboardInterrupt):
             _prune(build_tiny_model(family), tokenizer, corpus_text, checkpoint)
     assert (checkpoint / "block-00000.safetensors").exists() and not (checkpoint / "block-00001.safetensors").exists()
@@ -55,7 +54,7 @@ def test_exception_then_resume_is_identical(family, tokenizer, corpus_text, tmp_
 def test_changed_config_or_data_refuses_to_resume(tokenizer, corpus_text, tmp_path, monkeypatch):
     checkpoint = tmp_path / "ckpt"
     with monkeypatch.context() as patch:
-        interrupt_at_block(patch, sequential, block=1)
+        interrupt_at_block(patch, block=1)
         with pytest.raises(KeyboardInterrupt):
             _prune(build_tiny_model("llama"), tokenizer, corpus_text, checkpoint)
     with pytest.raises(ValueError, match=r"config\.sparsity: 0\.5 -> 0\.6"):

@@ -9,6 +9,7 @@ import torch
 from conftest import build_tiny_model, interrupt_at_block
 from transformers import AutoModelForCausalLM
 
+import optimum_admm.sequential as sequential
 import optimum_admm.streaming as streaming
 from optimum_admm import ADMMConfig, ADMMPruner, MagnitudeConfig, WandaConfig
 from optimum_admm.streaming import checkpoint_weight_map, prune_checkpoint
@@ -77,7 +78,7 @@ def test_streaming_interrupted_then_resumed_is_identical(tokenizer, corpus_text,
 
     checkpoint, out = tmp_path / "ckpt", tmp_path / "out"
     with monkeypatch.context() as patch:
-        interrupt_at_block(patch, streaming, block=2)
+        interrupt_at_block(patch, block=2)
         with pytest.raises(KeyboardInterrupt):
             prune_checkpoint(source, out, config, [corpus_text], show_progress=False, checkpoint_dir=checkpoint)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # nothing that looks complete
@@ -85,8 +86,10 @@ def test_streaming_interrupted_then_resumed_is_identical(tokenizer, corpus_text,
 
     calls = []
 
-    real = streaming._prune_block
-    monkeypatch.setattr(streaming, "_prune_block", lambda *a: calls.append(a[4]) or real(*a))
+    real = sequential._prune_block
+    monkeypatch.setattr(
+        sequential, "_prune_block", lambda run, index, inputs: calls.append(index) or real(run, index, inputs)
+    )
     result = prune_checkpoint(source, out, config, [corpus_text], show_progress=False, checkpoint_dir=checkpoint)
     assert calls == [2]  # blocks 0 and 1 were not pruned again
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
@@ -103,7 +106,7 @@ def test_streaming_resume_refuses_a_changed_recipe_or_checkpoint(tokenizer, corp
     _save_source("llama", tokenizer, source)
     checkpoint = tmp_path / "ckpt"
     with monkeypatch.context() as patch:
-        interrupt_at_block(patch, streaming, block=1)
+        interrupt_at_block(patch, block=1)
         with pytest.raises(KeyboardInterrupt):
             prune_checkpoint(
                 source, tmp_path / "out", ADMMConfig(**FAST), [corpus_text], show_progress=False,
@@ -126,21 +129,16 @@ def test_capture_reads_only_the_embedding_rows_of_the_calibration_tokens(tokeniz
     _save_source("llama", tokenizer, source)
     ids = torch.tensor([[5, 6, 7, 40, 41, 90, 5, 6]])
     seen = {}
-    real_rows, real_capture = streaming._embedding_rows, streaming._capture_with_streamed_blocks
+    real_rows = streaming._embedding_rows
 
     def rows(model, *args):
-        embed, seconds = real_rows(model, *args)
-        seen["embedding"] = model.get_input_embeddings()
-        return embed, seconds
-
-    def capture(model, *args):
         seen["meta_during_capture"] = model.get_input_embeddings().weight.is_meta
-        inputs = real_capture(model, *args)
-        seen["compact_rows"] = args[-1](torch.tensor([[5, 90]])).shape
-        return inputs
+        embed = real_rows(model, *args)
+        seen["embedding"] = model.get_input_embeddings()
+        seen["compact_rows"] = embed(torch.tensor([[5, 90]])).shape
+        return embed
 
     monkeypatch.setattr(streaming, "_embedding_rows", rows)
-    monkeypatch.setattr(streaming, "_capture_with_streamed_blocks", capture)
     config = WandaConfig(num_samples=1, sequence_length=8)
     prune_checkpoint(source, tmp_path / "out", config, ids, show_progress=False)
     assert seen["meta_during_capture"]  # never loaded whole for the capture

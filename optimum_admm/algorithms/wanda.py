@@ -1,7 +1,8 @@
 """Wanda: prune by ``|W_ij| * ||X_j||_2``, no weight update.
 
 Paper: Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for Large Language Models", ICLR 2024,
-https://arxiv.org/abs/2306.11695. The input norms come from the diagonal of the Gram matrix ``X^T X``.
+https://arxiv.org/abs/2306.11695. The input statistic is the squared input-channel norms ``sum_t x_tj^2``
+(shape ``(in,)``, what the driver collects for Wanda) or, equivalently, a Gram matrix ``X^T X`` (its diagonal).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from ..masks import row_chunks, select_mask
 __all__ = ["wanda_scores", "wanda_mask", "wanda_prune"]
 
 
-def _input_norms(gram: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return gram.diagonal().to(device=device, dtype=torch.float32).clamp_min(0).sqrt()
+def _input_norms(statistic: torch.Tensor, device: torch.device) -> torch.Tensor:
+    squared = statistic.diagonal() if statistic.dim() == 2 else statistic
+    return squared.to(device=device, dtype=torch.float32).clamp_min(0).sqrt()
 
 
 def wanda_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``|W_ij| * sqrt(G_jj)``, in fp32."""
+    """``|W_ij| * ||X_j||``, in fp32, from squared norms ``(in,)`` or a Gram matrix ``(in, in)``."""
     scores = weight.detach().abs().float()  # a new tensor: scaled in place
     return scores.mul_(_input_norms(gram, weight.device))
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
@@ -292,8 +290,11 @@ class PruneCommand(BaseOptimumCLICommand):
         return max_memory
 
     def _run_streaming(self, config: Any, max_memory: int | str | None) -> None:
-        """``--streaming``: :func:`optimum_admm.streaming.prune_checkpoint` from a local or downloaded checkpoint."""
-        from ..export import PRUNING_CONFIG_NAME, pruning_metadata
+        """``--streaming``: :func:`optimum_admm.streaming.prune_checkpoint` from a local or downloaded checkpoint.
+
+        The evaluation (``--eval-dataset``), the sidecar and the card are written into the staged output before it
+        is renamed into place: nothing is patched afterwards.
+        """
         from ..streaming import checkpoint_weight_map, prune_checkpoint
 
         args = self.args
@@ -308,6 +309,9 @@ class PruneCommand(BaseOptimumCLICommand):
                 checkpoint_weight_map(source)
             except (OSError, ValueError) as err:
                 _fail(f"--model {args.model}: {err}")
+        base_model = args.base_model
+        if base_model is None and not Path(args.model).exists():
+            base_model = args.model
         try:
             result = prune_checkpoint(
                 source,
@@ -320,6 +324,9 @@ class PruneCommand(BaseOptimumCLICommand):
                 show_progress=not args.no_progress,
                 checkpoint_dir=args.checkpoint_dir,
                 activation_cache_dir=args.activation_cache_dir,
+                evaluate=self._streamed_evaluation(config) if args.eval_dataset is not None else None,
+                base_model=base_model,
+                repo_id=args.push_to_hub,
             )
         except ValueError as err:  # a checkpoint of another run, a budget or disk too small: stated with the numbers
             _fail(str(err))
@@ -330,38 +337,34 @@ class PruneCommand(BaseOptimumCLICommand):
             f"streamed: load {result.load_seconds:.1f} s, compute {result.compute_seconds:.1f} s, "
             f"write {result.write_seconds:.1f} s"
         )
+        for dataset, measured in (result.evaluation or {}).items():
+            print(f"perplexity on {dataset}: {measured.perplexity:.4f}")
         path = result.save_dir.resolve()
-        evaluation = None
-        if args.eval_dataset is not None:  # the saved output, loaded whole: the same numbers as without --streaming
+        print(f"saved to {path}")
+        self._push(path)
+
+    def _streamed_evaluation(self, config: Any):
+        """The ``evaluate`` callback of a streamed prune: the staged output, loaded whole (the same numbers as
+        without ``--streaming``)."""
+        args = self.args
+
+        def evaluate(staging: Path) -> dict[str, Any]:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             from ..evaluation import perplexity
+            from ..streaming import calibration_length
 
-            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
-            length = (report.calibration if report is not None else {}).get("sequence_length", config.sequence_length)
+            model = AutoModelForCausalLM.from_pretrained(staging, dtype="auto").eval()
             measured = perplexity(
                 model,
-                AutoTokenizer.from_pretrained(path),
+                AutoTokenizer.from_pretrained(staging),
                 _texts(args.eval_dataset),
-                sequence_length=length,
+                sequence_length=calibration_length(model, config.sequence_length),
                 max_tokens=args.eval_max_tokens,
             )
-            del model
-            evaluation = {_dataset_key(args.eval_dataset): measured}
-            print(f"perplexity on {_dataset_key(args.eval_dataset)}: {measured.perplexity:.4f}")
-        # The sidecar (now with the evaluation) and the model card, as save_pruned writes them.
-        from ..card import build_model_card
+            return {_dataset_key(args.eval_dataset): measured}
 
-        metadata = pruning_metadata(config, report, evaluation)
-        _write_text(path / PRUNING_CONFIG_NAME, json.dumps(metadata, indent=2) + "\n")
-        base_model = args.base_model
-        if base_model is None and not Path(args.model).exists():
-            base_model = args.model
-        source_config = SimpleNamespace(_name_or_path=args.model)  # what model.config holds without --streaming
-        card = build_model_card(metadata, model_config=source_config, base_model=base_model, repo_id=args.push_to_hub)
-        _write_text(path / "README.md", str(card))
-        print(f"saved to {path}")
-        self._push(path)
+        return evaluate
 
     def _push(self, path: Path) -> None:
         args = self.args
@@ -376,10 +379,3 @@ class PruneCommand(BaseOptimumCLICommand):
         except PermissionError as err:
             _fail(str(err))
         print(f"pushed to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write beside ``path`` and rename into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modeling import get_weight_matrix
 from .configuration import ShearingPlan
 from .layout import BLOCK_NORMS, ModelLayout
 from .masks import final_gates
@@ -95,20 +96,23 @@ def norm_scores(
     dh = plan.head_dim
     group = plan.source["num_attention_heads"] // plan.source["num_key_value_heads"]
     head, inter = [], []
-    hidden = layout.embed.weight.float().pow(2).sum(0)
+    hidden = get_weight_matrix(layout.embed).float().pow(2).sum(0)
     norm_weight = torch.zeros_like(hidden)
     for block in layout.blocks:
-        q, k, v, o = (layout.attn(block, n).weight.float() for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        g, u, d = (layout.mlp(block, n).weight.float() for n in ("gate_proj", "up_proj", "down_proj"))
+        q, k, v, o = (
+            get_weight_matrix(layout.attn(block, n)).float() for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        )
+        g, u, d = (get_weight_matrix(layout.mlp(block, n)).float() for n in ("gate_proj", "up_proj", "down_proj"))
         if plan.head_gating == "kv_group":
             head.append(_sq_rows(q, dh * group) + _sq_rows(k, dh) + _sq_rows(v, dh) + _sq_rows(o.T, dh * group))
         else:
             head.append(_sq_rows(q, dh) + _sq_rows(o.T, dh))
         inter.append(g.norm(dim=1) * u.norm(dim=1) * d.norm(dim=0))
         hidden += sum(w.pow(2).sum(0) for w in (q, k, v, g, u)) + o.pow(2).sum(1) + d.pow(2).sum(1)
-        norm_weight += sum(getattr(block, n).weight.float().abs() for n in BLOCK_NORMS)
+        norm_weight += sum(get_weight_matrix(getattr(block, n)).float().abs() for n in BLOCK_NORMS)
     scores = {"head": torch.stack(head), "intermediate": torch.stack(inter)}
-    scores["hidden"] = hidden * (norm_weight + layout.final_norm.weight.float().abs()) / (2 * len(layout.blocks) + 1)
+    final_norm = get_weight_matrix(layout.final_norm).float().abs()
+    scores["hidden"] = hidden * (norm_weight + final_norm) / (2 * len(layout.blocks) + 1)
     if "layer" in plan.structures:
         if plan.target["num_hidden_layers"] < plan.source["num_hidden_layers"] and input_ids is None:
             raise ValueError("norm-based layer pruning needs input_ids for the block-influence proxy")

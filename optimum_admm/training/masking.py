@@ -113,16 +113,19 @@ def masks_from_model(model: nn.Module, *, min_sparsity: float = 0.0) -> dict[str
         tensor([[False,  True],
                 [ True, False]])
     """
+    from ..stores import store_for
+
     _check_min_sparsity(min_sparsity)
     adapters = _adapter_prefixes(model)
+    store = store_for(model)  # offloaded weights are read from accelerate's weights map, not skipped as `meta`
     masks: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not is_linear(module) or not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+        if not is_linear(module) or any(f"{name}.".startswith(prefix) for prefix in adapters):
             continue
-        if any(f"{name}.".startswith(prefix) for prefix in adapters):
+        weight = store.read(f"{name}.weight" if name else "weight")
+        if weight.is_meta:
             continue
-        kept = weight.detach() != 0
+        kept = weight != 0
         if 1.0 - kept.float().mean().item() > min_sparsity:
             masks[canonical_name(f"{name}.weight" if name else "weight")] = kept
     logger.info("masks from exact zeros: %d weights", len(masks))
