@@ -7,13 +7,13 @@ either), then prunes it with :func:`optimum_admm.streaming.prune_checkpoint` in 
   against the stricter ``baseline + 1.10 * (one block + activations + statistics)`` (the 10% on the pruning alone):
   ``baseline`` is the child's RSS with Python, torch, transformers and the model's code imported (a ``meta``
   skeleton built, no weights) and one small matrix product run (thread pool, BLAS buffers), before any work;
-  ``statistics`` the Gram
-  matrices alive at once (``3 h^2 + m^2`` floats: q/k/v, o, gate/up and down inputs);
+  ``statistics`` what the method declared, alive at once for the four distinct inputs of a block (q/k/v, o,
+  gate/up, down): Wanda's input norms, ``3 h + m`` floats, O(in) per layer;
+* the same run with Wanda registered to read a full Gram matrix (``3 h^2 + m^2`` floats), which is what every
+  method received before methods declared their statistic, and what ADMM and SparseGPT need (their profile is this
+  one plus their per-layer solver workspace; ADMM's solve on 2 CPU cores would take hours at this size);
 * the wall time and its split between loading (reading the block's tensors from the shards), computing (forwards,
-  statistics, the solve) and writing (the output shards).
-
-The method is Wanda with the driver's full Gram statistics, so the memory profile is the one ADMM and SparseGPT have
-minus their larger per-layer solver workspace; ADMM's solve on 2 CPU cores would take hours at this size.
+  statistics, the solve) and writing (the output shards); the three add up to the wall time of the prune.
 
 Reproduce (about 5 minutes on 2 CPU cores; builds 4 GB under --workdir)::
 
@@ -103,6 +103,20 @@ def child(args) -> None:
     from optimum_admm import WandaConfig
     from optimum_admm.streaming import prune_checkpoint
 
+    if args.statistic == "gram":  # Wanda as every method ran before statistics were declared: a full Gram per input
+        from dataclasses import dataclass
+        from typing import ClassVar
+
+        from optimum_admm.registry import get_spec, register_method
+
+        @dataclass
+        class WandaGramConfig(WandaConfig):
+            method: ClassVar[str] = "wanda-gram"
+
+        wanda = get_spec(WandaConfig())
+        register_method(WandaGramConfig, wanda.prune_fn, mask_fn=wanda.mask_fn, statistic="gram")
+        WandaConfig = WandaGramConfig  # noqa: N806
+
     torch.set_num_threads(os.cpu_count() or 1)
     with init_empty_weights():  # the baseline includes the model's code (imports), not its weights
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.source))
@@ -128,6 +142,7 @@ def child(args) -> None:
             "load_seconds": result.load_seconds,
             "compute_seconds": result.compute_seconds,
             "write_seconds": result.write_seconds,
+            "prune_seconds": result.report.total_seconds,
             "sparsity": result.report.sparsity,
         },
         sys.stdout,
@@ -145,6 +160,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--statistic", default="input_norms", help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--save-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -160,25 +176,31 @@ def main() -> None:
     command += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("hidden", "intermediate", "layers", "vocab")]
     command += [f"--num-samples={args.num_samples}", f"--sequence-length={args.sequence_length}"]
     runs = []
-    # glibc's default allocator, then with its mmap threshold fixed (MALLOC_MMAP_THRESHOLD_): by default glibc
-    # raises the threshold after large frees and serves later temporaries from the heap, which fragments.
-    for allocator in ({}, {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}):
+    # Wanda with its declared statistic under glibc's default allocator, then with its mmap threshold fixed
+    # (MALLOC_MMAP_THRESHOLD_: by default glibc raises the threshold after large frees and serves later temporaries
+    # from the heap, which fragments); then Wanda reading full Grams, as every method did before.
+    for statistic, allocator in (
+        ("input_norms", {}),
+        ("input_norms", {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}),
+        ("gram", {}),
+    ):
         shutil.rmtree(out, ignore_errors=True)
         env = {**os.environ, **allocator}
-        completed = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-        runs.append({"allocator_env": allocator, **json.loads(completed.stdout)})
-        logger.info("allocator %s: peak RSS %.3f GB", allocator or "default", runs[-1]["peak_rss_bytes"] / 1e9)
+        completed = subprocess.run(
+            [*command, f"--statistic={statistic}"], check=True, capture_output=True, text=True, env=env
+        )
+        runs.append({"statistic": statistic, "allocator_env": allocator, **json.loads(completed.stdout)})
+        logger.info(
+            "%s, allocator %s: peak RSS %.3f GB", statistic, allocator or "default", runs[-1]["peak_rss_bytes"] / 1e9
+        )
     shutil.rmtree(out, ignore_errors=True)
-    measured = runs[0]
 
     h, m, n, t = args.hidden, args.intermediate, args.num_samples, args.sequence_length
     block = (4 * h * h + 3 * h * m + 2 * h) * 4
     rest = (args.vocab * h + h) * 4
     activations = 2 * n * t * h * 4
-    statistics = (3 * h * h + m * m) * 4  # the Grams alive at once: q/k/v, o, gate/up and down_proj inputs
-    working_set = measured["baseline_rss_bytes"] + block + activations + statistics
-    budget = 1.10 * working_set
-    pruning_set = block + activations + statistics  # what the pruning itself needs, the runtime's baseline aside
+    # What is alive at once for the four distinct inputs of a block (q/k/v, o, gate/up and down_proj):
+    statistics = {"input_norms": (3 * h + m) * 4, "gram": (3 * h * h + m * m) * 4}
     # One pruned copy of the largest layer: what a method that updates weights (ADMM, SparseGPT) adds at least;
     # the measured Wanda zeroes weights in place and needs only a one-byte-per-weight mask.
     workspace = h * m * 4
@@ -187,40 +209,44 @@ def main() -> None:
     import torch
     import transformers
 
+    def summary(run: dict) -> dict:
+        pruning_set = block + activations + statistics[run["statistic"]]  # the pruning itself, baseline aside
+        working_set = run["baseline_rss_bytes"] + pruning_set
+        budget = 1.10 * working_set
+        return {
+            "statistic": run["statistic"],
+            "allocator_env": run["allocator_env"],
+            **{k.replace("_bytes", "_gb"): v / 1e9 for k, v in run.items() if k.endswith("_bytes")},
+            "statistics_gb": statistics[run["statistic"]] / 1e9,
+            "budget_gb": budget / 1e9,
+            "peak_over_working_set_gb": (run["peak_rss_bytes"] - working_set) / 1e9,
+            "within_budget": run["peak_rss_bytes"] <= budget,
+            "strict_budget_gb": (run["baseline_rss_bytes"] + 1.10 * pruning_set) / 1e9,
+            "peak_over_baseline_gb": (run["peak_rss_bytes"] - run["baseline_rss_bytes"]) / 1e9,
+            "peak_over_baseline_per_pruning_set": (run["peak_rss_bytes"] - run["baseline_rss_bytes"]) / pruning_set,
+            "within_strict_budget": run["peak_rss_bytes"] - run["baseline_rss_bytes"] <= 1.10 * pruning_set,
+            "within_budget_with_workspace": run["peak_rss_bytes"] <= 1.10 * (working_set + workspace),
+            "wall_seconds": run["wall_seconds"],
+            "prune_seconds": run["prune_seconds"],
+            "time_split": {k: run[f"{k}_seconds"] / run["prune_seconds"] for k in ("load", "compute", "write")},
+            "seconds": {k: run[f"{k}_seconds"] for k in ("load", "compute", "write")},
+            "sparsity": run["sparsity"],
+        }
+
     results = {
         "model": {"hidden": h, "intermediate": m, "layers": args.layers, "vocab": args.vocab, "dtype": "float32"},
         "calibration": {"num_samples": n, "sequence_length": t},
-        "method": "wanda 50% (statistics = full Gram, as for ADMM/SparseGPT)",
+        "method": "wanda 50%: its declared statistic (input norms), and registered with a full Gram for comparison",
         "checkpoint_gb": checkpoint_bytes / 1e9,
         "one_block_gb": block / 1e9,
         "non_block_gb": rest / 1e9,
         "activations_gb": activations / 1e9,
-        "statistics_gb": statistics / 1e9,
+        "statistics_gb": {k: v / 1e9 for k, v in statistics.items()},
         "budget_formula": "1.10 * (baseline + one block + activations + statistics)",
-        "budget_gb": budget / 1e9,
         "strict_budget_formula": "baseline + 1.10 * (one block + activations + statistics)",
         "largest_layer_workspace_gb": workspace / 1e9,
-        "budget_with_workspace_gb": 1.10 * (working_set + workspace) / 1e9,
-        "runs": [
-            {
-                "allocator_env": run["allocator_env"],
-                **{k.replace("_bytes", "_gb"): v / 1e9 for k, v in run.items() if k.endswith("_bytes")},
-                "peak_over_working_set_gb": (run["peak_rss_bytes"] - working_set) / 1e9,
-                "within_budget": run["peak_rss_bytes"] <= budget,
-                "strict_budget_gb": (run["baseline_rss_bytes"] + 1.10 * pruning_set) / 1e9,
-                "peak_over_baseline_gb": (run["peak_rss_bytes"] - run["baseline_rss_bytes"]) / 1e9,
-                "peak_over_baseline_per_pruning_set": (run["peak_rss_bytes"] - run["baseline_rss_bytes"])
-                / pruning_set,
-                "within_strict_budget": run["peak_rss_bytes"] - run["baseline_rss_bytes"] <= 1.10 * pruning_set,
-                "within_budget_with_workspace": run["peak_rss_bytes"] <= 1.10 * (working_set + workspace),
-                "wall_seconds": run["wall_seconds"],
-                "time_split": {k: run[f"{k}_seconds"] / run["wall_seconds"] for k in ("load", "compute", "write")},
-                "seconds": {k: run[f"{k}_seconds"] for k in ("load", "compute", "write")},
-                "sparsity": run["sparsity"],
-            }
-            for run in runs
-        ],
-        "checkpoint_over_budget": checkpoint_bytes / budget,
+        "runs": [summary(run) for run in runs],
+        "checkpoint_over_peak_rss": checkpoint_bytes / runs[0]["peak_rss_bytes"],
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),

@@ -258,7 +258,9 @@ def materialize(name: str = "smollm2-135m", cache_dir: str | Path | None = None)
 
     # One process materialises a model at a time; the others wait and then find it complete. Without the lock a
     # second process could remove the first one's finished checkpoint as an "incomplete leftover".
-    with FileLock(str(target.parent / f".{name}.lock")):
+    locks = target.parent.parent / "locks"
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / f"{name}.lock")):
         if _is_complete(target):
             logger.info("Using the checkpoint another process materialised at %s", target)
             return target

@@ -151,3 +151,28 @@ def test_real_checkpoint(name):
     if name in CHECKPOINT_SHA256:
         digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
         assert digest == CHECKPOINT_SHA256[name], "materialising is no longer deterministic (or transformers changed)"
+
+
+def test_materialize_waits_for_another_process_and_reuses_its_checkpoint(monkeypatch, tmp_path):
+    import threading
+
+    from filelock import FileLock
+
+    _fake_source(monkeypatch, tmp_path)
+    calls = []
+    monkeypatch.setattr(zoo, "_convert", lambda g, o: (calls.append(g), _fake_convert(g, o)))
+    cache = tmp_path / "cache"
+    target = cache / "models" / "smollm2-135m"
+    (cache / "locks").mkdir(parents=True)
+    result = {}
+    with FileLock(str(cache / "locks" / "smollm2-135m.lock")):  # another process is materialising
+        worker = threading.Thread(target=lambda: result.update(path=materialize("smollm2-135m", cache_dir=cache)))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive()  # it waits instead of removing the other's work as a leftover
+        target.mkdir(parents=True)
+        _fake_convert(tmp_path / "fake.gguf", target)
+        zoo._write_source(zoo.MODELS["smollm2-135m"], "digest", target)
+    worker.join(timeout=30)
+    assert result["path"] == target and calls == []  # the other process's checkpoint, untouched
+    assert read_source(target)["sha256"] == "digest"
