@@ -196,3 +196,13 @@ def interrupt_at_block(monkeypatch, block: int) -> None:
         return real(run, index, inputs)
 
     monkeypatch.setattr(sequential, "_prune_block", failing)
+
+
+def assert_pruned_alike(reference, model, weights_of, ids) -> None:
+    """The same block weights (read with ``weights_of``) and bitwise-identical logits on ``ids[:, :40]``."""
+    expected, got = weights_of(reference), weights_of(model)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids[:, :40]).logits, reference(input_ids=ids[:, :40]).logits)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import dispatch_model
 from accelerate.utils import OffloadedWeightsLoader
-from conftest import build_tiny_model
+from conftest import assert_pruned_alike, build_tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -70,13 +70,7 @@ def test_disk_offloaded_prune_is_bitwise_identical(family, config, tokenizer, co
     report = _prune(model, tokenizer, corpus_text, config)
     assert report.sparsity == pytest.approx(0.5)
 
-    expected, got = _weights(reference), _weights(model)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    ids = tokenizer(corpus_text[:300], return_tensors="pt")["input_ids"][:, :40]
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert_pruned_alike(reference, model, _weights, tokenizer(corpus_text[:300], return_tensors="pt")["input_ids"])
     assert all(p.device.type == "meta" for p in model.get_submodule(name).parameters())
 
 
