@@ -176,6 +176,43 @@ def _block_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor
     return {n: state[n].detach().to("cpu").contiguous() for n in names}
 
 
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (``{name: {dtype, shape, data_offsets}}``) and where its data starts."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(size)), 8 + size
+
+
+def _copy_tensors(checkpoint: _Checkpoint, names: list[str], path: Path, chunk: int = 1 << 24) -> None:
+    """Write the tensors ``names`` (model names) as stored in the source into one safetensors file, copying their
+    bytes from the source shards ``chunk`` bytes at a time: none of them is ever held in memory."""
+    headers: dict[str, tuple[dict[str, Any], int]] = {}
+    sources, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        file = checkpoint.files[name]
+        if file not in headers:
+            headers[file] = _read_header(checkpoint.directory / file)
+        stored, data_start = headers[file]
+        info = stored[checkpoint.stored[name]]
+        begin, end = info["data_offsets"]
+        header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + end - begin]}
+        sources.append((checkpoint.directory / file, data_start + begin, end - begin))
+        offset += end - begin
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little") + encoded)
+        for source, start, length in sources:
+            with open(source, "rb") as handle:
+                handle.seek(start)
+                while length:
+                    data = handle.read(min(chunk, length))
+                    if not data:
+                        raise OSError(f"{source} ends inside a tensor: a truncated safetensors file")
+                    out.write(data)
+                    length -= len(data)
+
+
 def _write_shard(model: nn.Module, names: list[str], path: Path) -> float:
     from safetensors.torch import save_file
 
@@ -342,11 +379,8 @@ class CheckpointStore(WeightStore):
         """Write the non-block shard, the index and the copied files; returns the shard names."""
         first = f"model-00001-of-{len(self.blocks) + 1:05d}.safetensors"
         shards = [self._shard(i) for i in range(len(self.blocks))]
-        with self.timer.phase("load"):
-            _load_tensors(self.model, self.checkpoint, self.other_keys, "cpu")
-        with self.timer.phase("write"):
-            _write_shard(self.model, self.other_keys, self.staging / first)
-            _free(self.model, self.other_keys)
+        with self.timer.phase("write"):  # unpruned: copied from the source in chunks, never held (an embedding is
+            _copy_tensors(self.checkpoint, self.other_keys, self.staging / first)  # often larger than a block)
             weight_map = dict.fromkeys(self.other_keys, first)
             for shard, keys in zip(shards, self.block_keys, strict=True):
                 weight_map.update(dict.fromkeys(keys, shard))
