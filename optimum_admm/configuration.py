@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .errors import InvalidArgumentError
 from .version import __version__
 
 UNSTRUCTURED = "unstructured"
@@ -33,7 +35,7 @@ def add_config_class(cls: type[PruningConfig]) -> None:
     """
     known = _CONFIG_CLASSES.get(cls.method)
     if known is not None and known is not cls:
-        raise ValueError(f"method {cls.method!r} belongs to {known.__qualname__} already")
+        raise InvalidArgumentError(f"method {cls.method!r} belongs to {known.__qualname__} already")
     _CONFIG_CLASSES[cls.method] = cls
 
 
@@ -54,7 +56,7 @@ def default_of(cls: type, name: str) -> Any:
             if item.default_factory is not dataclasses.MISSING:
                 return item.default_factory()
             return None if item.default is dataclasses.MISSING else item.default
-    raise ValueError(f"{cls.__name__} has no field {name!r}")
+    raise InvalidArgumentError(f"{cls.__name__} has no field {name!r}")
 
 
 def parse_nm(mask_structure: str) -> tuple[int, int] | None:
@@ -76,7 +78,7 @@ def parse_nm(mask_structure: str) -> tuple[int, int] | None:
         True
     """
     if not isinstance(mask_structure, str):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"mask_structure must be a string, 'unstructured' or 'N:M' such as '2:4'; got {mask_structure!r}"
         )
     if mask_structure.strip().lower() == UNSTRUCTURED:
@@ -84,21 +86,25 @@ def parse_nm(mask_structure: str) -> tuple[int, int] | None:
     match = _NM_PATTERN.match(mask_structure)
     allowed = "'unstructured' or 'N:M' with integers 0 < N < M, such as '2:4' or '4:8'"
     if match is None:
-        raise ValueError(f"mask_structure={mask_structure!r} is malformed; allowed: {allowed}")
+        raise InvalidArgumentError(f"mask_structure={mask_structure!r} is malformed; allowed: {allowed}")
     try:
         n, m = int(match.group(1)), int(match.group(2))
     except ValueError:
-        raise ValueError(f"mask_structure={mask_structure!r} has non-integer N or M; allowed: {allowed}") from None
+        raise InvalidArgumentError(
+            f"mask_structure={mask_structure!r} has non-integer N or M; allowed: {allowed}"
+        ) from None
     if not 0 < n < m:
-        raise ValueError(f"mask_structure={mask_structure!r} needs 0 < N < M; allowed: {allowed}")
+        raise InvalidArgumentError(f"mask_structure={mask_structure!r} needs 0 < N < M; allowed: {allowed}")
     return n, m
 
 
 def _check_type(name: str, value: Any, types: type | tuple[type, ...], allowed: str) -> None:
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        raise InvalidArgumentError(f"{name}={value!r} is invalid; allowed: {allowed}")
     if not isinstance(value, types):
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        raise InvalidArgumentError(f"{name}={value!r} is invalid; allowed: {allowed}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgumentError(f"{name}={value!r} is invalid; allowed: {allowed}, finite")
 
 
 @dataclass
@@ -165,35 +171,37 @@ class PruningConfig:
                 and isinstance(self.sparsity, (int, float))
                 and abs(float(self.sparsity) - implied) > 1e-9
             ):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"sparsity={self.sparsity!r} contradicts mask_structure={self.mask_structure!r}, which "
                     f"implies sparsity {implied:g}; pass sparsity={implied:g} or leave sparsity unset"
                 )
         _check_type("sparsity", self.sparsity, (int, float), "a number in [0, 1)")
         if not 0.0 <= float(self.sparsity) < 1.0:
-            raise ValueError(f"sparsity={self.sparsity!r} is out of range; allowed: a number in [0, 1)")
+            raise InvalidArgumentError(f"sparsity={self.sparsity!r} is out of range; allowed: a number in [0, 1)")
         self.sparsity = float(self.sparsity)
         _check_type("num_samples", self.num_samples, int, "an integer >= 1")
         if self.num_samples < 1:
-            raise ValueError(f"num_samples={self.num_samples!r} is invalid; allowed: an integer >= 1")
+            raise InvalidArgumentError(f"num_samples={self.num_samples!r} is invalid; allowed: an integer >= 1")
         _check_type("sequence_length", self.sequence_length, int, "an integer >= 1")
         if self.sequence_length < 1:
-            raise ValueError(f"sequence_length={self.sequence_length!r} is invalid; allowed: an integer >= 1")
+            raise InvalidArgumentError(
+                f"sequence_length={self.sequence_length!r} is invalid; allowed: an integer >= 1"
+            )
         _check_type("seed", self.seed, int, "an integer")
         for name in ("targets", "ignore"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-                raise ValueError(f"{name}={value!r} is invalid; allowed: a list of non-empty strings")
+                raise InvalidArgumentError(f"{name}={value!r} is invalid; allowed: a list of non-empty strings")
             for pattern in value:
                 if pattern.startswith("re:"):
                     try:
                         re.compile(pattern[3:])
                     except re.error as err:
-                        raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from None
+                        raise InvalidArgumentError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from None
             if name == "targets" and not value:
-                raise ValueError("targets=[] is invalid; allowed: a non-empty list of patterns")
+                raise InvalidArgumentError("targets=[] is invalid; allowed: a non-empty list of patterns")
             setattr(self, name, list(value))
         _check_type("true_sequential", self.true_sequential, bool, "True or False")
 
@@ -212,8 +220,9 @@ class PruningConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
-        """Rebuild a config; keys this version does not know are ignored with a warning.
+    def from_dict(cls, data: dict[str, Any], strict: bool = False) -> PruningConfig:
+        """Rebuild a config; keys this version does not know are ignored with a warning (refused when ``strict``,
+        as for a recipe file a user wrote, where an unknown key is a typo).
 
         Called on :class:`PruningConfig` itself, the ``method`` key picks the registered subclass; called on a
         subclass, only that class's own recipes load (a recipe of another method is refused).
@@ -225,15 +234,19 @@ class PruningConfig:
         if cls is PruningConfig:
             classes = config_classes()
             if method not in classes:
-                raise ValueError(f"method={method!r} is unknown; allowed: {sorted(classes)}")
+                raise InvalidArgumentError(f"method={method!r} is unknown; allowed: {sorted(classes)}")
             target_cls = classes[method]
         elif method is not None and method != cls.method:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"method={method!r} is invalid for {cls.__name__}; allowed: {cls.method!r} (load other recipes "
                 "with PruningConfig.from_dict)"
             )
         known = {f.name for f in dataclasses.fields(target_cls)}
         unknown = sorted(set(data) - known)
+        if unknown and strict:
+            raise InvalidArgumentError(
+                f"{target_cls.__name__} has no field {', '.join(map(repr, unknown))}; allowed: {sorted(known)}"
+            )
         if unknown:
             warnings.warn(
                 f"Ignoring unknown {target_cls.__name__} keys {unknown} (written by a newer optimum-admm?)",
@@ -283,23 +296,25 @@ class ADMMConfig(PruningConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is unknown; allowed: {', '.join(map(repr, SCHEDULES))}")
+            raise InvalidArgumentError(
+                f"schedule={self.schedule!r} is unknown; allowed: {', '.join(map(repr, SCHEDULES))}"
+            )
         _check_type("iterations", self.iterations, int, "an integer >= 1")
         if self.iterations < 1:
-            raise ValueError(f"iterations={self.iterations!r} is invalid; allowed: an integer >= 1")
+            raise InvalidArgumentError(f"iterations={self.iterations!r} is invalid; allowed: an integer >= 1")
         _check_type("mask_iterations", self.mask_iterations, int, f"an integer in [1, iterations={self.iterations}]")
         if not 1 <= self.mask_iterations <= self.iterations:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"mask_iterations={self.mask_iterations!r} is invalid; allowed: an integer in "
                 f"[1, iterations={self.iterations}]"
             )
         _check_type("rho", self.rho, (int, float), "a number > 0")
         if not self.rho > 0:
-            raise ValueError(f"rho={self.rho!r} is invalid; allowed: a number > 0")
+            raise InvalidArgumentError(f"rho={self.rho!r} is invalid; allowed: a number > 0")
         self.rho = float(self.rho)
         _check_type("dampening", self.dampening, (int, float), "a number >= 0")
         if not self.dampening >= 0:
-            raise ValueError(f"dampening={self.dampening!r} is invalid; allowed: a number >= 0")
+            raise InvalidArgumentError(f"dampening={self.dampening!r} is invalid; allowed: a number >= 0")
         self.dampening = float(self.dampening)
         _check_type("per_output", self.per_output, bool, "True or False")
 
@@ -323,15 +338,15 @@ class SparseGPTConfig(PruningConfig):
         super().__post_init__()
         _check_type("block_size", self.block_size, int, "an integer >= 1")
         if self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size!r} is invalid; allowed: an integer >= 1")
+            raise InvalidArgumentError(f"block_size={self.block_size!r} is invalid; allowed: an integer >= 1")
         if self.nm is not None and self.block_size % self.nm[1]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"block_size={self.block_size!r} is invalid for mask_structure={self.mask_structure!r}; allowed: a "
                 f"multiple of M={self.nm[1]}"
             )
         _check_type("dampening", self.dampening, (int, float), "a number > 0")
         if not self.dampening > 0:
-            raise ValueError(f"dampening={self.dampening!r} is invalid; allowed: a number > 0")
+            raise InvalidArgumentError(f"dampening={self.dampening!r} is invalid; allowed: a number > 0")
         self.dampening = float(self.dampening)
 
 

@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "staged_directory", "host_name"]
+__all__ = ["atomic_write", "check_writable_directory", "staged_directory", "host_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,3 +173,51 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _format_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def check_writable_directory(path: str | os.PathLike, parameter: str, needed_bytes: int | None = None) -> Path:
+    """Before any work: the output ``path`` can be created and written (where :func:`staged_directory` stages it),
+    and its file system has room for about ``needed_bytes`` (5% margin). Returns the directory that was probed.
+
+    Raises:
+        OutputDirectoryError: naming ``parameter``, the path and the reason.
+
+    Example:
+        >>> import tempfile
+        >>> check_writable_directory(Path(tempfile.mkdtemp()) / "out", "save_dir").is_dir()
+        True
+    """
+    from .errors import OutputDirectoryError
+
+    target = Path(path).expanduser().absolute()
+    inside = target.is_dir() and os.path.ismount(target)
+    probe = target if inside else target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # staged_directory creates the missing parents
+    if not probe.is_dir():
+        raise OutputDirectoryError(f"{parameter} {path} cannot be created: {probe} is not a directory")
+    scratch = probe / f".optimum-admm-probe-{_owner()}-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(scratch, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        scratch.unlink()
+    except OSError as err:
+        raise OutputDirectoryError(
+            f"{parameter} {path} cannot be written ({err.strerror or err} in {probe}); choose a directory you can "
+            "write to"
+        ) from None
+    if needed_bytes:
+        free = shutil.disk_usage(probe).free
+        if free < needed_bytes * 1.05:
+            raise OutputDirectoryError(
+                f"{parameter} {path}: its file system has {_format_bytes(free)} free, but the output needs about "
+                f"{_format_bytes(needed_bytes)}; free some space or choose another directory"
+            )
+    return probe

@@ -13,7 +13,31 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["push_folder_to_hub"]
+from .errors import HubError, InvalidArgumentError
+
+__all__ = ["HubPermissionError", "check_push_arguments", "push_folder_to_hub", "require_token"]
+
+
+class HubPermissionError(HubError, PermissionError):
+    """The Hub refused the token (HTTP 401/403)."""
+
+
+def require_token(token: str | bool | None = None, parameter: str = "token") -> None:
+    """Refuse, before any work, a push without a token: none given and none in ``HF_TOKEN`` or the stored login.
+
+    Example:
+        >>> require_token("hf_example")
+    """
+    if isinstance(token, str) and token:
+        return
+    from huggingface_hub import get_token
+
+    if token is False or get_token() is None:
+        raise HubError(
+            f"pushing to the Hub needs a token ({parameter}=None found none): set HF_TOKEN or run `hf auth login` "
+            "(a token is never a command-line argument)"
+        )
+
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +50,11 @@ def _check_repo_id(repo_id: Any) -> str:
 
     allowed = "a Hub repo id 'name' or 'namespace/name' (letters, digits, '-', '_', '.')"
     if not isinstance(repo_id, str):
-        raise ValueError(f"repo_id={repo_id!r} is invalid; allowed: {allowed}")
+        raise InvalidArgumentError(f"repo_id={repo_id!r} is invalid; allowed: {allowed}")
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise ValueError(f"repo_id={repo_id!r} is invalid; allowed: {allowed}") from None
+        raise InvalidArgumentError(f"repo_id={repo_id!r} is invalid; allowed: {allowed}") from None
     return repo_id
 
 
@@ -44,12 +68,14 @@ def check_push_arguments(
     """
     _check_repo_id(repo_id)
     if private is not None and not isinstance(private, bool):
-        raise ValueError(f"private={private!r} is invalid; allowed: True, False or None")
+        raise InvalidArgumentError(f"private={private!r} is invalid; allowed: True, False or None")
     if token is not None and not isinstance(token, (str, bool)):
-        raise ValueError(f"token of type {type(token).__name__} is invalid; allowed: a string, a bool or None")
+        raise InvalidArgumentError(
+            f"token of type {type(token).__name__} is invalid; allowed: a string, a bool or None"
+        )
     for name, value in (("revision", revision), ("commit_message", commit_message)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ValueError(f"{name}={value!r} is invalid; allowed: a non-empty string or None")
+            raise InvalidArgumentError(f"{name}={value!r} is invalid; allowed: a non-empty string or None")
 
 
 def push_folder_to_hub(
@@ -75,8 +101,8 @@ def push_folder_to_hub(
         The ``huggingface_hub.CommitInfo`` of the commit.
 
     Raises:
-        PermissionError: the Hub refused the token (HTTP 401/403); the message never contains the token.
-        huggingface_hub.errors.HfHubHTTPError: any other Hub error; nothing is committed when the commit fails.
+        HubPermissionError: the Hub refused the token (HTTP 401/403); the message never contains the token.
+        HubError: any other Hub or network error; nothing is committed when the commit fails.
 
     Example:
         >>> push_folder_to_hub("smollm2-admm-60", "me/smollm2-admm-60", private=True)  # doctest: +SKIP
@@ -87,7 +113,7 @@ def push_folder_to_hub(
     check_push_arguments(repo_id, private, token, revision, commit_message)
     folder = Path(folder)
     if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise ValueError(f"folder={str(folder)!r} is not a saved model directory (no config.json)")
+        raise InvalidArgumentError(f"folder={str(folder)!r} is not a saved model directory (no config.json)")
     if commit_message is None:
         commit_message = _default_message(folder)
     api = HfApi(token=token)  # built now, so that it uses the endpoint configured at call time
@@ -106,11 +132,18 @@ def push_folder_to_hub(
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):
-            raise PermissionError(
+            raise HubPermissionError(
                 f"the Hub refused to push to {repo_id!r} (HTTP {status}): check that the token is valid and has "
                 "write access to this namespace"
             ) from None
-        raise
+        raise HubError(
+            f"the push to {repo_id!r} failed: the Hub answered HTTP {status or '?'}; nothing was committed, push "
+            "again later"
+        ) from None
+    except OSError as err:  # no network, a refused connection
+        raise HubError(
+            f"the push to {repo_id!r} failed ({type(err).__name__}: {err}); nothing was committed, push again later"
+        ) from None
     logger.info("pushed %s to %s (commit %s)", folder, repo_id, getattr(info, "oid", "?"))
     return info
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
+
 __all__ = [
     "activation_bytes",
     "check_activation_budget",
@@ -84,13 +86,13 @@ def parse_size(name: str, value: object, shown: object, allowed: str) -> int:
     from accelerate.utils import convert_file_size_to_int
 
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{name}={shown!r} is invalid; allowed: {allowed}")
+        raise InvalidArgumentError(f"{name}={shown!r} is invalid; allowed: {allowed}")
     try:
         size = convert_file_size_to_int(value)
     except ValueError:
-        raise ValueError(f"{name}={shown!r} is invalid; allowed: {allowed}") from None
+        raise InvalidArgumentError(f"{name}={shown!r} is invalid; allowed: {allowed}") from None
     if size <= 0:
-        raise ValueError(f"{name}={shown!r} is invalid; allowed: {allowed}")
+        raise InvalidArgumentError(f"{name}={shown!r} is invalid; allowed: {allowed}")
     return size
 
 

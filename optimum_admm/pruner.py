@@ -12,7 +12,7 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
-from .calibration import CalibrationSource, describe_source, get_calibration_data
+from .calibration import CalibrationSource, describe_source, get_calibration_data, vocabulary_size, window_length
 from .configuration import ADMMConfig, PruningConfig, default_of
 from .modeling import find_decoder_blocks, find_prunable_layers, get_weight_matrix
 from .registry import get_method
@@ -129,17 +129,21 @@ class ADMMPruner(OptimumQuantizer):
             )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from .loading import check_model_source, explained_load_errors
+
+        check_model_source(model_or_path, trust_remote_code=trust_remote_code, revision=revision)
         load_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-        model = AutoModelForCausalLM.from_pretrained(
-            model_or_path,
-            dtype=torch_dtype,
-            device_map=device_map,
-            use_safetensors=True,
-            **load_kwargs,
-            **model_kwargs,
-        )
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model_or_path, **load_kwargs)
+        with explained_load_errors(model_or_path):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_or_path,
+                dtype=torch_dtype,
+                device_map=device_map,
+                use_safetensors=True,
+                **load_kwargs,
+                **model_kwargs,
+            )
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(model_or_path, **load_kwargs)
         return cls(model, tokenizer=tokenizer, config=config)
 
     def prune(
@@ -178,10 +182,13 @@ class ADMMPruner(OptimumQuantizer):
             >>> report = pruner.prune("wikitext2", checkpoint_dir="ckpt", max_memory="8GiB")  # doctest: +SKIP
         """
         config = self.config
-        if save_dir is not None:
+        if save_dir is not None:  # writable, with room for the output, before any forward
             from .export import check_save_dir
+            from .files import check_writable_directory
 
             check_save_dir(save_dir, overwrite)
+            size = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+            check_writable_directory(save_dir, "save_dir", size)
         batches = None
         calibration: dict[str, Any] = {}
         if config.needs_calibration:
@@ -190,7 +197,7 @@ class ADMMPruner(OptimumQuantizer):
                     f"calibration_dataset=None is invalid for method {config.method!r}; allowed: 'wikitext2', "
                     "'c4', a datasets.Dataset, a list of strings, a text file path, a DataLoader or a tensor"
                 )
-            sequence_length = self._sequence_length()
+            sequence_length = window_length(getattr(self.model, "config", None), config.sequence_length)
             ids = get_calibration_data(
                 calibration_dataset,
                 self.tokenizer,
@@ -198,6 +205,7 @@ class ADMMPruner(OptimumQuantizer):
                 sequence_length=sequence_length,
                 seed=config.seed,
                 text_column=text_column,
+                vocab_size=vocabulary_size(self.model),
             )
             batches = list(ids.split(1))
             calibration = {
@@ -306,9 +314,10 @@ class ADMMPruner(OptimumQuantizer):
         import tempfile
 
         from .export import save_pruned
-        from .hub import check_push_arguments, push_folder_to_hub
+        from .hub import check_push_arguments, push_folder_to_hub, require_token
 
         check_push_arguments(repo_id, private, token, revision, commit_message)
+        require_token(token)  # before the model is saved
         save_kwargs.setdefault("evaluation_results", getattr(self, "evaluation_results", None))
         with tempfile.TemporaryDirectory(prefix="optimum-admm-push-") as tmp:
             folder = save_pruned(
@@ -323,19 +332,3 @@ class ADMMPruner(OptimumQuantizer):
             return push_folder_to_hub(
                 folder, repo_id, private=private, token=token, revision=revision, commit_message=commit_message
             )
-
-    def _sequence_length(self) -> int:
-        requested = self.config.sequence_length
-        model_config = getattr(self.model, "config", None)
-        limit = None
-        for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            limit = getattr(model_config, attribute, None)
-            if isinstance(limit, int) and limit > 0:
-                break
-        if isinstance(limit, int) and 0 < limit < requested:
-            warnings.warn(
-                f"sequence_length={requested} exceeds the model's {limit} positions; calibrating at {limit}",
-                stacklevel=3,
-            )
-            return limit
-        return requested

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CheckpointMismatchError
 from .files import atomic_write
 from .reporting import LayerReport
 from .version import __version__
@@ -158,7 +159,7 @@ def load_state(checkpoint_dir: str | os.PathLike, current: dict[str, Any]) -> Ch
     current = json.loads(json.dumps(current))  # tuples -> lists, as stored
     diffs = _differences(saved["fingerprint"], current)
     if diffs:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint_dir={str(checkpoint_dir)!r} holds a run with a different recipe, model or calibration set; "
             f"refusing to resume. Differences (saved -> now): {'; '.join(diffs)}. Use another checkpoint_dir or "
             "delete this one to start over"
@@ -179,7 +180,7 @@ def check_digest(
     """
     recorded = state.digests.get(index)
     if recorded is not None and recorded != digest:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint_dir={str(checkpoint_dir)!r} holds a run of another model: decoder block {index} ({name}) "
             f"has other weights (recorded digest {recorded}, now {digest}); refusing to resume. Use another "
             "checkpoint_dir or delete this one to start over"

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import resume
 from .activations import Storage, check_activation_storage, resolve_storage, stash
 from .configuration import PruningConfig, default_of
+from .errors import NonFiniteWeightsError, UnprunedLayersError
 from .masks import row_chunks
 from .memory import MaxMemory, release_freed_host_memory
 from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
@@ -100,6 +101,26 @@ def _first_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def check_finite_weights(store: WeightStore, index: int) -> None:
+    """Refuse a block with NaN or infinite parameters, naming the tensor (pruning would pass them on or rank them
+    arbitrarily)."""
+    for name, tensor in store.block_tensors(index).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeightsError(
+                f"weight {name} holds {bad} NaN or infinite values; allowed: finite weights. The checkpoint is "
+                "damaged or was saved from a diverged run: reload it, or load it in a wider dtype (dtype=torch.float32)"
+            )
+
+
+def _check_finite_inputs(hidden_states: torch.Tensor, sample: int) -> None:
+    if hidden_states.is_floating_point() and not bool(torch.isfinite(hidden_states).all()):
+        raise NonFiniteWeightsError(
+            f"the calibration activations entering the first decoder block hold NaN or infinite values (sample "
+            f"{sample}); allowed: finite values. Check the input embedding for NaN and the calibration token ids"
+        )
+
+
 def _capture_inputs(
     model: nn.Module,
     blocks: nn.ModuleList,
@@ -115,7 +136,9 @@ def _capture_inputs(
     for unpadded windows. The store loads each block just before its forward and releases it just after (streaming
     holds one block at a time) and may embed the tokens itself (streaming reads only the embedding rows they use).
     """
-    store = store or InMemoryStore(model)
+    if store is None:
+        store = InMemoryStore(model)
+        store.bind(find_decoder_blocks(model)[0], blocks)
     hidden: list[torch.Tensor] = []
     arguments: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * len(blocks)
     state = {"full": True}
@@ -126,6 +149,7 @@ def _capture_inputs(
             hidden_states = args[0] if args else kwargs.pop("hidden_states")
             received = (tuple(args[1:]), kwargs)
             if index == 0:
+                _check_finite_inputs(hidden_states, len(hidden))
                 hidden.append(stash(hidden_states, storage))
             if not state["full"]:
                 if not _same(received, arguments[0]):
@@ -136,6 +160,7 @@ def _capture_inputs(
                 raise _StopForward
             arguments[index] = received
             store.load_block(index)
+            check_finite_weights(store, index)  # before any block is calibrated, and before any weight changes
 
         return hook
 
@@ -271,6 +296,9 @@ def _solve(run: _Run, name: str, accumulator: StatisticAccumulator | None) -> No
     with run.timer.phase("solve"), run.store.module(name) as module:
         row = _prune_layer(name, module, accumulator, run.config, run.spec)
     run.report.layers.append(row)
+    granularity = 1.0 / row.shape[1]  # a per-row selection rounds to whole weights
+    if row.sparsity < run.config.sparsity - max(0.01, granularity):
+        run.unpruned.append(f"{name} (sparsity {row.sparsity:.3f} < {run.config.sparsity:.3f})")
 
 
 def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
@@ -292,7 +320,7 @@ def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
             # The dict holds the only references: a group's statistic is freed once its last layer is pruned.
             accumulator = accumulators.pop(name)
             if accumulator.num_tokens == 0:
-                run.unpruned.append(name)
+                run.unpruned.append(f"{name} (no calibration input)")
                 continue
             _solve(run, name, accumulator)
             del accumulator
@@ -306,6 +334,8 @@ def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
 def _process_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
     """Load, check, prune, record and release block ``index``."""
     run.store.load_block(index)
+    if inputs is None:  # no calibration forward checked the weights
+        check_finite_weights(run.store, index)
     if run.state is not None:
         digest = resume.digest_tensors(run.store.block_tensors(index))
         resume.check_digest(run.checkpoint_dir, run.state, index, run.store.block_name(index), digest)
@@ -418,9 +448,9 @@ def prune_model(
     finally:
         model.train(was_training)
     if run.unpruned:
-        raise RuntimeError(
-            f"{len(run.unpruned)} targeted layers received no calibration input and were left dense: "
-            f"{run.unpruned[:5]}; add them to `ignore` or use more calibration samples"
+        raise UnprunedLayersError(
+            f"{len(run.unpruned)} targeted layers were left dense or below the target sparsity: "
+            f"{', '.join(run.unpruned[:5])}; add them to `ignore` or use more calibration samples"
         )
     return _finish_report(run)
 

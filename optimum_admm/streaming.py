@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import resume
-from .calibration import CalibrationSource, describe_source, get_calibration_data
+from .calibration import CalibrationSource, describe_source, get_calibration_data, vocabulary_size, window_length
 from .configuration import PruningConfig
 from .export import check_save_dir, write_pruning_files
 from .files import staged_directory
@@ -271,12 +271,6 @@ def _skeleton(source: Path, weight_map: dict[str, str]) -> tuple[nn.Module, _Che
     return model.eval(), _Checkpoint(source, files, stored)
 
 
-def calibration_length(model: nn.Module, requested: int) -> int:
-    """The calibration window length used for ``model``: ``requested``, capped at its position embeddings."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return min(requested, limit) if isinstance(limit, int) and limit > 0 else requested
-
-
 #: What a streamed output copies from the source besides the weights: the config, the generation config and the
 #: tokenizer. Never the source's weights in another format, its model card or anything else.
 COPIED_FILES = (
@@ -403,8 +397,9 @@ def _calibration_batches(model, source: Path, config: PruningConfig, dataset, to
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-    length = calibration_length(model, config.sequence_length)
-    ids = get_calibration_data(dataset, tokenizer, config.num_samples, length, seed=config.seed)
+    length = window_length(model.config, config.sequence_length)
+    vocab = vocabulary_size(model)
+    ids = get_calibration_data(dataset, tokenizer, config.num_samples, length, seed=config.seed, vocab_size=vocab)
     calibration = {"dataset": describe_source(dataset), "num_samples": int(ids.shape[0])}
     calibration.update({"sequence_length": int(ids.shape[1]), "seed": config.seed})
     return list(ids.split(1)), calibration

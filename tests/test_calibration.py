@@ -65,7 +65,7 @@ def test_named_datasets_use_the_datasets_loader(monkeypatch, tokenizer, corpus_t
         ([], "non-empty list of strings"),
         ([1, 2], "non-empty list of strings"),
         (3.5, "not supported"),
-        (torch.zeros(4), "must be \\(num_samples, length\\)"),
+        (torch.zeros(4, dtype=torch.long), r"shape \(4,\); allowed: token ids of shape \(batch, length\)"),
     ],
 )
 def test_bad_sources(source, message, tokenizer):

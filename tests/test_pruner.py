@@ -225,6 +225,7 @@ def test_trust_remote_code_is_off_by_default(monkeypatch, tmp_path):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record)
+    build_tiny_model("llama").save_pretrained(tmp_path)  # a real checkpoint: the source checks pass
     with pytest.raises(RuntimeError, match="stop here"):
         ADMMPruner.from_pretrained(tmp_path)
     assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True

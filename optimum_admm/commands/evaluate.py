@@ -5,25 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 
-from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+from optimum.commands.base import CommandInfo
 
 from ._arguments import (
+    _NAMED_DATASETS,
     _dataset,
     _dataset_key,
     _positive_int,
     _texts,
 )
+from ._boundary import GuardedCommand, add_debug_flag
 
 __all__ = ["EvaluateCommand"]
 
 
-class EvaluateCommand(BaseOptimumCLICommand):
+class EvaluateCommand(GuardedCommand):
     """``admm evaluate``: perplexity of a (pruned) model."""
 
     COMMAND = CommandInfo(name="evaluate", help="Measure the perplexity of a (pruned) causal LM.")
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
+        add_debug_flag(parser)
         parser.add_argument("--model", required=True, help="Hub id or local directory of the model.")
         parser.add_argument(
             "--dataset",
@@ -37,14 +40,22 @@ class EvaluateCommand(BaseOptimumCLICommand):
         parser.add_argument("--device-map", default=None, help="Passed to from_pretrained ('auto', 'cpu', ...).")
         parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
 
-    def run(self) -> None:
+    def execute(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..calibration import read_text_file
         from ..evaluation import perplexity
+        from ..loading import check_model_source, explained_load_errors
 
         args = self.args
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", device_map=args.device_map).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        check_model_source(args.model, parameter="--model")  # before anything is downloaded or loaded
+        if args.dataset not in _NAMED_DATASETS:
+            read_text_file(args.dataset, "--dataset")  # decodable, before the model is loaded
+        with explained_load_errors(args.model, "--model"):
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            model = AutoModelForCausalLM.from_pretrained(
+                args.model, dtype="auto", device_map=args.device_map, use_safetensors=True
+            ).eval()
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         sequence_length = min(args.sequence_length, limit) if isinstance(limit, int) else args.sequence_length
         result = perplexity(

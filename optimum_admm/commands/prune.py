@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+from optimum.commands.base import CommandInfo
 
 from ._arguments import (
     _dataset,
@@ -20,17 +20,21 @@ from ._arguments import (
     _sparsity,
     _texts,
 )
+from ._boundary import GuardedCommand, add_debug_flag
 
 __all__ = ["PruneCommand"]
 
+from ..errors import CalibrationDataError, HubError, InvalidArgumentError  # noqa: E402 (light: no torch)
 
-class PruneCommand(BaseOptimumCLICommand):
+
+class PruneCommand(GuardedCommand):
     """``admm prune``: prune a causal LM, save it (and optionally push it to the Hub)."""
 
     COMMAND = CommandInfo(name="prune", help="Prune a causal LM with ADMM (or another registered method) and save it.")
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
+        add_debug_flag(parser)
         parser.add_argument("--model", required=True, help="Hub id or local directory of the dense model.")
         parser.add_argument(
             "--method",
@@ -76,7 +80,13 @@ class PruneCommand(BaseOptimumCLICommand):
         parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
         parser.add_argument("--revision", default=None, help="Branch of the Hub repo to push to (default: main).")
         parser.add_argument("--device-map", default=None, help="Passed to from_pretrained ('auto', 'cpu', ...).")
-        parser.add_argument("--torch-dtype", default="auto", help="Weights dtype (default: as stored).")
+        parser.add_argument(
+            "--dtype",
+            "--torch-dtype",
+            dest="torch_dtype",
+            default="auto",
+            help="Weights dtype: auto (as stored), float32, bfloat16 or float16.",
+        )
         parser.add_argument(
             "--trust-remote-code", action="store_true", help="Allow custom model code from the Hub (off by default)."
         )
@@ -115,18 +125,42 @@ class PruneCommand(BaseOptimumCLICommand):
             help="With --streaming: where each block is loaded and computed (default: cpu; e.g. cuda:0).",
         )
 
+    def _recipe(self) -> dict[str, Any]:
+        """The ``--recipe`` file's settings: JSON or YAML, a ``pruning_config.json`` or a bare recipe."""
+        path = Path(self.args.recipe)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InvalidArgumentError(f"--recipe {path} cannot be read as text ({err})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as json_error:
+            try:
+                import yaml
+
+                data = yaml.safe_load(text)
+            except Exception:  # not YAML either: report the JSON reading, which names line and column
+                raise InvalidArgumentError(f"--recipe {path} is neither JSON nor YAML ({json_error})") from None
+        if not isinstance(data, dict):
+            raise InvalidArgumentError(
+                f"--recipe {path} holds a {type(data).__name__}; allowed: a mapping of settings"
+            )
+        recipe = data.get("config", data)
+        if not isinstance(recipe, dict):
+            raise InvalidArgumentError(f"--recipe {path}: 'config' is not a mapping of settings")
+        return dict(recipe)
+
     def _config(self) -> Any:
         from ..configuration import PruningConfig
         from ..registry import config_class_for
 
         args = self.args
-        base: dict[str, Any] = {}
-        if args.recipe is not None:
-            data = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
-            base = dict(data.get("config", data))
+        base = self._recipe() if args.recipe is not None else {}
         method = args.method or base.get("method") or "admm"
         if base.get("method", method) != method:
-            base = {}  # another method's recipe: only the shared settings given as flags apply
+            raise InvalidArgumentError(
+                f"--recipe {args.recipe} is a {base['method']!r} recipe, but --method is {method!r}; drop one"
+            )
         flags = {
             "sparsity": args.sparsity,
             "mask_structure": args.pattern,
@@ -139,10 +173,14 @@ class PruneCommand(BaseOptimumCLICommand):
             values.pop("sparsity", None)  # let the N:M pattern imply it
         values["method"] = method
         config_class_for(method)  # an unknown method in a recipe fails here, naming it
-        return PruningConfig.from_dict(values)
+        try:
+            return PruningConfig.from_dict(values, strict=True)  # a typo in a recipe is an error, not a warning
+        except ValueError as err:
+            raise InvalidArgumentError(f"--recipe {args.recipe}: {err}" if args.recipe else str(err)) from None
 
-    def run(self) -> None:
-        from ..export import _check_max_shard_size, check_save_dir, save_pruned
+    def _check_arguments(self) -> tuple[Any, int | str | None]:
+        """Everything that can be checked from the arguments alone; bad ones are argparse errors (exit 2)."""
+        from ..export import _check_max_shard_size, check_save_dir
         from ..hub import check_push_arguments
 
         args = self.args
@@ -152,32 +190,80 @@ class PruneCommand(BaseOptimumCLICommand):
             _check_max_shard_size(args.max_shard_size)
             if args.push_to_hub is not None:
                 check_push_arguments(args.push_to_hub, revision=args.revision)
+            _torch_dtype(args.torch_dtype)
         except ValueError as err:
             self.parser.error(str(err))
-        max_memory = self._check_large_model_arguments()
-        if args.streaming:
-            self._run_streaming(config, max_memory)
-            return
+        return config, self._check_large_model_arguments()
 
+    def execute(self) -> None:
+        from ..files import check_writable_directory
+        from ..loading import check_model_source
+
+        args = self.args
+        config, max_memory = self._check_arguments()
+        # The environment, before any download or load: the model source, the output, the token, the data files.
+        source = check_model_source(args.model, trust_remote_code=args.trust_remote_code, parameter="--model")
+        check_writable_directory(args.output, "--output", _checkpoint_bytes(source))
+        if args.push_to_hub is not None:
+            from ..hub import require_token
+
+            require_token(parameter="--push-to-hub")
+        if args.eval_dataset is not None:
+            _calibration_texts(args.eval_dataset, "--eval-dataset", load_named=False)
+        calibration = None
+        if config.needs_calibration:
+            calibration = self._calibration_set(config, _calibration_texts(args.dataset, "--dataset"))
+        if args.streaming:
+            self._run_streaming(config, max_memory, calibration)
+            return
+        self._run_in_memory(config, max_memory, calibration)
+
+    def _calibration_set(self, config: Any, texts: list[str]) -> Any:
+        """The calibration windows, from the model's tokenizer and config only (the weights are not loaded yet):
+        too little text is refused here, not after the model is loaded."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..calibration import CalibrationSet, describe_source, get_calibration_data, window_length
+        from ..loading import explained_load_errors
+
+        args = self.args
+        with explained_load_errors(args.model, "--model"):
+            tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+            model_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        try:
+            ids = get_calibration_data(
+                texts,
+                tokenizer,
+                config.num_samples,
+                window_length(model_config, config.sequence_length),
+                seed=config.seed,
+                vocab_size=getattr(model_config, "vocab_size", None),
+            )
+        except CalibrationDataError as err:
+            raise CalibrationDataError(f"--dataset {_dataset_key(args.dataset)}: {err}") from None
+        return CalibrationSet(ids, describe_source(args.dataset))
+
+    def _run_in_memory(self, config: Any, max_memory: int | str | None, calibration: Any) -> None:
+        from ..export import save_pruned
+        from ..files import check_writable_directory
         from ..pruner import ADMMPruner
 
+        args = self.args
         pruner = ADMMPruner.from_pretrained(
             args.model,
             config=config,
-            torch_dtype=args.torch_dtype,
+            torch_dtype=_torch_dtype(args.torch_dtype),
             device_map=args.device_map,
             trust_remote_code=args.trust_remote_code,
         )
-        try:
-            report = pruner.prune(
-                calibration_dataset=args.dataset,
-                show_progress=not args.no_progress,
-                max_memory=max_memory,
-                checkpoint_dir=args.checkpoint_dir,
-                activation_cache_dir=args.activation_cache_dir,
-            )
-        except ValueError as err:  # a checkpoint of another run, a budget or disk too small: stated with the numbers
-            _fail(str(err))
+        check_writable_directory(args.output, "--output", _model_bytes(pruner.model))  # now with the real size
+        report = pruner.prune(
+            calibration_dataset=calibration,
+            show_progress=not args.no_progress,
+            max_memory=max_memory,
+            checkpoint_dir=args.checkpoint_dir,
+            activation_cache_dir=args.activation_cache_dir,
+        )
         print(report.summary(max_rows=20))
         evaluation = None
         if args.eval_dataset is not None:
@@ -289,7 +375,7 @@ class PruneCommand(BaseOptimumCLICommand):
                 self.parser.error(f"argument --model: neither a local directory nor a Hub id ({err})")
         return max_memory
 
-    def _run_streaming(self, config: Any, max_memory: int | str | None) -> None:
+    def _run_streaming(self, config: Any, max_memory: int | str | None, calibration: Any) -> None:
         """``--streaming``: :func:`optimum_admm.streaming.prune_checkpoint` from a local or downloaded checkpoint.
 
         The evaluation (``--eval-dataset``), the sidecar and the card are written into the staged output before it
@@ -312,24 +398,21 @@ class PruneCommand(BaseOptimumCLICommand):
         base_model = args.base_model
         if base_model is None and not Path(args.model).exists():
             base_model = args.model
-        try:
-            result = prune_checkpoint(
-                source,
-                args.output,
-                config,
-                args.dataset,
-                execution_device=args.execution_device or "cpu",
-                max_memory=max_memory,
-                overwrite=args.overwrite,
-                show_progress=not args.no_progress,
-                checkpoint_dir=args.checkpoint_dir,
-                activation_cache_dir=args.activation_cache_dir,
-                evaluate=self._streamed_evaluation(config) if args.eval_dataset is not None else None,
-                base_model=base_model,
-                repo_id=args.push_to_hub,
-            )
-        except ValueError as err:  # a checkpoint of another run, a budget or disk too small: stated with the numbers
-            _fail(str(err))
+        result = prune_checkpoint(
+            source,
+            args.output,
+            config,
+            calibration,
+            execution_device=args.execution_device or "cpu",
+            max_memory=max_memory,
+            overwrite=args.overwrite,
+            show_progress=not args.no_progress,
+            checkpoint_dir=args.checkpoint_dir,
+            activation_cache_dir=args.activation_cache_dir,
+            evaluate=self._streamed_evaluation(config) if args.eval_dataset is not None else None,
+            base_model=base_model,
+            repo_id=args.push_to_hub,
+        )
         report = result.report
         if report is not None and hasattr(report, "summary"):
             print(report.summary(max_rows=20))
@@ -351,15 +434,15 @@ class PruneCommand(BaseOptimumCLICommand):
         def evaluate(staging: Path) -> dict[str, Any]:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            from ..calibration import window_length
             from ..evaluation import perplexity
-            from ..streaming import calibration_length
 
             model = AutoModelForCausalLM.from_pretrained(staging, dtype="auto").eval()
             measured = perplexity(
                 model,
                 AutoTokenizer.from_pretrained(staging),
                 _texts(args.eval_dataset),
-                sequence_length=calibration_length(model, config.sequence_length),
+                sequence_length=window_length(model.config, config.sequence_length),
                 max_tokens=args.eval_max_tokens,
             )
             return {_dataset_key(args.eval_dataset): measured}
@@ -376,6 +459,42 @@ class PruneCommand(BaseOptimumCLICommand):
             info = push_folder_to_hub(
                 path, args.push_to_hub, private=True if args.private else None, revision=args.revision
             )
-        except PermissionError as err:
-            _fail(str(err))
+        except OSError as err:  # the model is saved: say where, so the push can be retried
+            raise HubError(f"{err} (the pruned model is saved in {path})") from None
         print(f"pushed to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")
+
+
+def _torch_dtype(text: str) -> Any:
+    """``--dtype``: ``auto`` or a torch floating dtype name (``bfloat16``, ``torch.float16``)."""
+    import torch
+
+    if text == "auto":
+        return text
+    value = getattr(torch, text.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise InvalidArgumentError(
+            f"argument --dtype: {text!r} is invalid; allowed: auto, float32, bfloat16, float16 (a torch floating dtype)"
+        )
+    return value
+
+
+def _calibration_texts(dataset: str, flag: str, load_named: bool = True) -> list[str]:
+    """A ``--dataset`` file decoded, or a named dataset loaded (when ``load_named``), before the model is loaded."""
+    from ..calibration import NAMED_DATASETS, load_named_texts, read_text_file
+
+    if dataset in NAMED_DATASETS:
+        return (
+            load_named_texts(dataset, "train", num_documents=20000 if dataset == "c4" else None) if load_named else []
+        )
+    return [read_text_file(dataset, flag)]
+
+
+def _checkpoint_bytes(source: Path | None) -> int | None:
+    """The size of a local checkpoint's safetensors weights (the pruned output is as large), else ``None``."""
+    if source is None:
+        return None
+    return sum(p.stat().st_size for p in source.glob("*.safetensors")) or None
+
+
+def _model_bytes(model: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+from optimum.commands.base import CommandInfo
 
 from ._arguments import (
     _NAMED_DATASETS,
@@ -16,6 +16,7 @@ from ._arguments import (
     _positive_float,
     _positive_int,
 )
+from ._boundary import GuardedCommand, add_debug_flag
 
 __all__ = ["ShearCommand"]
 
@@ -103,7 +104,7 @@ def _count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
 
 
-class ShearCommand(BaseOptimumCLICommand):
+class ShearCommand(GuardedCommand):
     """``admm shear``: Sheared-LLaMA targeted structured pruning to a smaller standard model."""
 
     COMMAND = CommandInfo(
@@ -112,6 +113,7 @@ class ShearCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
+        add_debug_flag(parser)
         parser.add_argument("--model", required=True, help="Hub id or local directory of the source model.")
         parser.add_argument(
             "--target-config",
@@ -184,7 +186,7 @@ class ShearCommand(BaseOptimumCLICommand):
             )
         return config, plan
 
-    def run(self) -> None:
+    def execute(self) -> None:
         args = self.args
         config, plan = self._check()
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from .configuration import ShearingConfig
 from .prune_to_shape import prune_to_shape
 
@@ -115,7 +116,10 @@ def shear(
     from .training import ShearingTrainer
 
     if isinstance(model, (str, Path)):
-        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, use_safetensors=True)
+    plan = config.plan(model.config)
+    if plan.target == plan.source:  # as the CLI: training gates toward the source shape prunes nothing
+        raise InvalidArgumentError(f"config: the target equals the source shape {plan.source}; nothing to prune")
     defaults = {"logging_steps": 10, "save_strategy": "no", "report_to": [], "max_grad_norm": 1.0}
     scratch = tempfile.TemporaryDirectory(prefix="shearing-") if output_dir is None else None
     args = TrainingArguments(  # the Trainer wants a directory: a temporary one when nothing is to be kept
