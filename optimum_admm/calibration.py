@@ -114,6 +114,8 @@ def _texts_from(source: CalibrationSource, text_column: str) -> list[str] | None
                 "text file"
             )
         return [read_text_file(path, "calibration_dataset")]
+    if isinstance(source, list) and source and all(isinstance(t, (torch.Tensor, dict)) for t in source):
+        return None  # a list of token batches
     if isinstance(source, list):
         if not source or not all(isinstance(t, str) for t in source):
             raise CalibrationDataError("calibration_dataset as a list must be a non-empty list of strings")
@@ -142,7 +144,7 @@ def read_text_file(path: str | os.PathLike, parameter: str) -> str:
     Example:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "calib.txt"
-        >>> _ = path.write_bytes(b"caf\xe9")
+        >>> _ = path.write_bytes(b"caf\\xe9")
         >>> read_text_file(path, "--dataset")
         Traceback (most recent call last):
         ...

@@ -160,7 +160,8 @@ def _capture_inputs(
                 raise _StopForward
             arguments[index] = received
             store.load_block(index)
-            check_finite_weights(store, index)  # before any block is calibrated, and before any weight changes
+            if not store.resident:  # a streamed block is checked as it is read, before its forward
+                check_finite_weights(store, index)
 
         return hook
 
@@ -334,7 +335,7 @@ def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
 def _process_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
     """Load, check, prune, record and release block ``index``."""
     run.store.load_block(index)
-    if inputs is None:  # no calibration forward checked the weights
+    if inputs is None and not run.store.resident:  # no calibration forward checked the weights
         check_finite_weights(run.store, index)
     if run.state is not None:
         digest = resume.digest_tensors(run.store.block_tensors(index))
@@ -429,6 +430,9 @@ def prune_model(
         num_samples = sum(int(b.shape[0]) for b in calibration_batches)
         check_activation_storage(model, num_samples, int(calibration_batches[0].shape[1]), max_memory, storage)
     first = 0 if checkpoint_dir is None else _start_checkpoint(run, calibration_batches)
+    if run.store.resident:  # every weight checked before the first forward (a streamed block: as it is read)
+        for index in range(len(run.blocks)):
+            check_finite_weights(run.store, index)
     was_training = model.training
     model.eval()
     try:

@@ -60,6 +60,10 @@ class WeightStore:
         torch.Size([2, 2])
     """
 
+    #: Whether every block's weights can be read before the first forward without reading the source again (true
+    #: for weights in memory or in an offload map; a streamed checkpoint is checked block by block as it is read).
+    resident = True
+
     def __init__(self, model: nn.Module, timer: PhaseTimer | None = None) -> None:
         self.model = model
         self.timer = timer or PhaseTimer()

@@ -303,6 +303,8 @@ class CheckpointStore(WeightStore):
         >>> store = CheckpointStore(model, checkpoint, Path("staging"), torch.device("cpu"))  # doctest: +SKIP
     """
 
+    resident = False
+
     def __init__(self, model, checkpoint: _Checkpoint, staging: Path, device: torch.device, timer=None) -> None:
         super().__init__(model, timer)
         self.checkpoint, self.staging, self.device = checkpoint, staging, device

@@ -147,6 +147,6 @@ def test_capture_reads_only_the_embedding_rows_of_the_calibration_tokens(tokeniz
     assert streaming._row_runs([5, 6, 7, 40, 41, 90]) == [(5, 8), (40, 42), (90, 91)]
 
     too_large = torch.tensor([[1, 2, 3, 10**6, 4, 5, 6, 7]])
-    with pytest.raises(ValueError, match=r"calibration token id 1000000 is invalid; allowed: 0 to \d+"):
+    with pytest.raises(ValueError, match=r"calibration_dataset holds token id 1000000; allowed: 0 to \d+"):
         prune_checkpoint(source, tmp_path / "out2", config, too_large, show_progress=False)
     assert not (tmp_path / "out2").exists()

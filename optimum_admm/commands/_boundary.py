@@ -19,6 +19,7 @@ import errno
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from optimum.commands.base import BaseOptimumCLICommand
 
@@ -28,10 +29,16 @@ DEBUG_ENV = "OPTIMUM_ADMM_DEBUG"
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    """The ``--debug`` flag every subcommand has."""
+    """The ``--debug`` flag every subcommand has, and its short argument errors: the error and where the options are
+    listed, instead of argparse's whole usage block."""
     parser.add_argument(
         "--debug", action="store_true", help=f"Show Python tracebacks of errors (also: {DEBUG_ENV}=1)."
     )
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"error: {message}\n(the options: {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
 
 
 def describe_error(error: BaseException) -> str:
