@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -206,3 +207,12 @@ def assert_pruned_alike(reference, model, weights_of, ids) -> None:
         assert torch.equal(expected[key], got[key]), key
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids[:, :40]).logits, reference(input_ids=ids[:, :40]).logits)
+
+
+#: The offline switches a user's shell may set; tests that talk to the loopback Hub server drop them.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def online_environment() -> dict[str, str]:
+    """``os.environ`` without the offline switches, for a subprocess that talks to the loopback Hub server."""
+    return {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, online_environment
 from hub_server import HubServer
 
 TOKEN = "hf_cli_Secret_81d3aa0f"
@@ -62,7 +62,7 @@ def test_prune_writes_a_loadable_model_and_pushes_it(dense_dir, tmp_path, monkey
     out = tmp_path / "out"
     with HubServer({TOKEN}) as hub:
         env = {
-            **os.environ,
+            **online_environment(),  # the loopback Hub is reachable whatever offline mode the user's shell sets
             "HF_ENDPOINT": hub.url,
             "HF_TOKEN": TOKEN,
             "HF_HUB_DISABLE_XET": "1",
