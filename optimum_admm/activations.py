@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .memory import MaxMemory, activation_bytes, check_activation_budget, format_bytes, hidden_size_of
 
 __all__ = ["DiskActivations", "Storage", "check_activation_storage", "check_disk_space", "resolve_storage", "stash"]
@@ -69,10 +70,14 @@ def resolve_storage(storage_device: torch.device | str, activation_cache_dir: st
     if activation_cache_dir is None:
         return torch.device(storage_device)
     if not isinstance(activation_cache_dir, (str, os.PathLike)) or not str(activation_cache_dir):
-        raise ValueError(f"activation_cache_dir={activation_cache_dir!r} is invalid; allowed: a directory path")
+        raise InvalidArgumentError(
+            f"activation_cache_dir={activation_cache_dir!r} is invalid; allowed: a directory path"
+        )
     directory = Path(activation_cache_dir)
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"activation_cache_dir={str(activation_cache_dir)!r} is invalid; it exists and is a file")
+        raise InvalidArgumentError(
+            f"activation_cache_dir={str(activation_cache_dir)!r} is invalid; it exists and is a file"
+        )
     return DiskActivations(directory)
 
 
@@ -96,7 +101,7 @@ def check_disk_space(storage: DiskActivations, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     logger.info("calibration activations: %s on disk in %s (%s free)", format_bytes(needed), probe, format_bytes(free))
     if needed > free:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"activation_cache_dir={str(storage.directory)!r} has {format_bytes(free)} free, but the calibration "
             f"activations need {format_bytes(needed)}; free some space, choose another directory or lower "
             "num_samples or sequence_length"

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     import torch
 
@@ -76,14 +78,16 @@ def _texts(dataset: Any) -> list[str]:
         return _load_named(dataset) if dataset in NAMED_DATASETS else [dataset]
     if hasattr(dataset, "column_names") and hasattr(dataset, "__getitem__"):  # a datasets.Dataset
         if "text" not in dataset.column_names:
-            raise ValueError(f"dataset must have a 'text' column, got columns {dataset.column_names}")
+            raise InvalidArgumentError(f"dataset must have a 'text' column, got columns {dataset.column_names}")
         texts = list(dataset["text"])
     elif isinstance(dataset, Sequence):
         texts = list(dataset)
     else:
-        raise ValueError(f"dataset must be a string, a list of strings or a datasets.Dataset, got {type(dataset)}")
+        raise InvalidArgumentError(
+            f"dataset must be a string, a list of strings or a datasets.Dataset, got {type(dataset)}"
+        )
     if not all(isinstance(text, str) for text in texts):
-        raise ValueError("dataset must contain only strings")
+        raise InvalidArgumentError("dataset must contain only strings")
     return texts
 
 
@@ -150,11 +154,11 @@ def plan_windows(num_tokens: int, content_length: int, stride: int, add_bos: boo
 def _validate(sequence_length: int, stride: int | None, max_tokens: int | None, batch_size: int) -> None:
     for name, value, low in (("sequence_length", sequence_length, 2), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
     if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
-        raise ValueError(f"stride must be a positive integer or None, got {stride!r}")
+        raise InvalidArgumentError(f"stride must be a positive integer or None, got {stride!r}")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
-        raise ValueError(f"max_tokens must be an integer >= 2 or None, got {max_tokens!r}")
+        raise InvalidArgumentError(f"max_tokens must be an integer >= 2 or None, got {max_tokens!r}")
 
 
 def _window_nll(model: Any, input_ids: torch.Tensor, num_scored: int) -> torch.Tensor:
@@ -211,13 +215,13 @@ def perplexity(
     if add_bos is None:
         add_bos = default_add_bos(model, tokenizer)
     elif add_bos and getattr(tokenizer, "bos_token_id", None) is None:
-        raise ValueError("add_bos is True but the tokenizer has no bos_token")
+        raise InvalidArgumentError("add_bos is True but the tokenizer has no bos_token")
     content_length = sequence_length - int(add_bos)
     if stride is not None and stride > content_length:
-        raise ValueError(f"stride must be at most {content_length} (the window's text length), got {stride}")
+        raise InvalidArgumentError(f"stride must be at most {content_length} (the window's text length), got {stride}")
     ids = tokenize_dataset(tokenizer, dataset, max_tokens)
     if len(ids) < (1 if add_bos else 2):
-        raise ValueError(f"dataset holds {len(ids)} token(s): too few to score")
+        raise InvalidArgumentError(f"dataset holds {len(ids)} token(s): too few to score")
     windows = plan_windows(len(ids), content_length, stride or content_length, add_bos)
     total_nll, total_tokens = _score(model, tokenizer, ids, windows, add_bos, batch_size)
     nll = total_nll / total_tokens

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .configuration import PruningConfig
+from .errors import InvalidArgumentError
 from .files import staged_directory
 from .reporting import PruningReport
 from .version import __version__
@@ -62,12 +63,14 @@ def check_save_dir(save_dir: str | os.PathLike, overwrite: bool) -> Path:
         'not-there-yet'
     """
     if not isinstance(save_dir, (str, os.PathLike)) or not str(save_dir):
-        raise ValueError(f"save_dir={save_dir!r} is invalid; allowed: a directory path")
+        raise InvalidArgumentError(f"save_dir={save_dir!r} is invalid; allowed: a directory path")
     path = Path(save_dir)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"save_dir={str(save_dir)!r} exists and is not a directory")
+        raise InvalidArgumentError(f"save_dir={str(save_dir)!r} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"save_dir={str(save_dir)!r} is a non-empty directory; pass overwrite=True to replace it")
+        raise InvalidArgumentError(
+            f"save_dir={str(save_dir)!r} is a non-empty directory; pass overwrite=True to replace it"
+        )
     return path
 
 
@@ -92,7 +95,9 @@ def normalize_evaluation_results(results: Mapping[str, Any] | None) -> dict[str,
         return {}
     allowed = "a dict {dataset name: perplexity | PerplexityResult | {'perplexity': float, ...}}"
     if not isinstance(results, Mapping):
-        raise ValueError(f"evaluation_results of type {type(results).__name__} is invalid; allowed: {allowed}")
+        raise InvalidArgumentError(
+            f"evaluation_results of type {type(results).__name__} is invalid; allowed: {allowed}"
+        )
     normalized: dict[str, dict[str, Any]] = {}
     for dataset, value in results.items():
         if hasattr(value, "to_dict") and not isinstance(value, Mapping):
@@ -100,9 +105,11 @@ def normalize_evaluation_results(results: Mapping[str, Any] | None) -> dict[str,
         entry = dict(value) if isinstance(value, Mapping) else {"perplexity": value}
         ppl = entry.get("perplexity")
         if not isinstance(dataset, str) or not dataset or isinstance(ppl, bool) or not isinstance(ppl, (int, float)):
-            raise ValueError(f"evaluation_results[{dataset!r}]={value!r} is invalid; allowed: {allowed}")
+            raise InvalidArgumentError(f"evaluation_results[{dataset!r}]={value!r} is invalid; allowed: {allowed}")
         if not math.isfinite(float(ppl)) or float(ppl) <= 0:
-            raise ValueError(f"evaluation_results[{dataset!r}] perplexity={ppl!r} is invalid; allowed: a number > 0")
+            raise InvalidArgumentError(
+                f"evaluation_results[{dataset!r}] perplexity={ppl!r} is invalid; allowed: a number > 0"
+            )
         entry["perplexity"] = float(ppl)
         normalized[dataset] = entry
     return normalized
@@ -163,7 +170,7 @@ def read_pruning_metadata(save_dir: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(save_dir) / PRUNING_CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"save_dir={str(save_dir)!r} has no {PRUNING_CONFIG_NAME}")
+        raise InvalidArgumentError(f"save_dir={str(save_dir)!r} has no {PRUNING_CONFIG_NAME}")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -210,11 +217,11 @@ def load_masks(save_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = Path(save_dir) / MASKS_NAME
     if not path.is_file():
-        raise ValueError(f"save_dir={str(save_dir)!r} has no {MASKS_NAME}; save with save_masks=True")
+        raise InvalidArgumentError(f"save_dir={str(save_dir)!r} has no {MASKS_NAME}; save with save_masks=True")
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != _MASK_FORMAT:
-            raise ValueError(f"{path} has mask format {metadata.get('format')!r}; expected {_MASK_FORMAT!r}")
+            raise InvalidArgumentError(f"{path} has mask format {metadata.get('format')!r}; expected {_MASK_FORMAT!r}")
         shapes = json.loads(metadata["shapes"])
         masks = {}
         for key, shape in shapes.items():
@@ -326,13 +333,13 @@ def save_pruned(
     target = check_save_dir(save_dir, overwrite).resolve()
     _check_max_shard_size(max_shard_size)
     if not isinstance(save_masks, bool):
-        raise ValueError(f"save_masks={save_masks!r} is invalid; allowed: True or False")
+        raise InvalidArgumentError(f"save_masks={save_masks!r} is invalid; allowed: True or False")
     if save_masks and (report is None or not report.layers):
-        raise ValueError("save_masks=True needs a pruned model (a PruningReport with layers); prune first")
+        raise InvalidArgumentError("save_masks=True needs a pruned model (a PruningReport with layers); prune first")
     normalize_evaluation_results(evaluation_results)
     for name, value in (("base_model", base_model), ("license", license), ("repo_id", repo_id)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ValueError(f"{name}={value!r} is invalid; allowed: a non-empty string or None")
+            raise InvalidArgumentError(f"{name}={value!r} is invalid; allowed: a non-empty string or None")
     card_kwargs = {"base_model": base_model, "license": license, "repo_id": repo_id} if model_card else None
 
     with staged_directory(target) as staging:

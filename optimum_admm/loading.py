@@ -84,15 +84,43 @@ def check_model_source(
         raise ModelLoadError(
             f"{parameter} {text!r} is neither an existing directory nor a Hub id ('namespace/name')"
         ) from None
-    if _offline():
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(text, "config.json", revision=revision), str):
-            raise ModelLoadError(
-                f"{parameter} {text} is not in the local Hub cache, and HF_HUB_OFFLINE=1 forbids downloading it; "
-                "unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to download it, or pass a local directory"
-            )
+    cached = isinstance(try_to_load_from_cache(text, "config.json", revision=revision), str)
+    if _offline() and not cached:
+        raise ModelLoadError(
+            f"{parameter} {text} is not in the local Hub cache, and HF_HUB_OFFLINE=1 forbids downloading it; "
+            "unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to download it, or pass a local directory"
+        )
+    if not cached and not _offline():
+        _check_on_the_hub(text, revision, parameter)
     return None
+
+
+def _check_on_the_hub(repo_id: str, revision: str | None, parameter: str) -> None:
+    """One quick request for a model that is neither local nor cached: a missing repo or an unreachable Hub is
+    said at once (the download client would retry for about a minute and then blame the network)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub
+
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=10)
+    except hub.GatedRepoError:
+        return  # its metadata is public; the download says what to do if the token lacks access
+    except hub.RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{parameter} {repo_id} is neither a local directory nor a model on the Hub (if it is private, log in "
+            "with hf auth login or set HF_TOKEN)"
+        ) from None
+    except hub.RevisionNotFoundError:
+        raise ModelLoadError(f"{parameter} {repo_id}: revision {revision!r} does not exist in that repo") from None
+    except Exception as err:  # the HTTP client's connection errors have no common base with OSError
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise ModelLoadError(
+            f"{parameter} {repo_id} is not a local directory, and the Hub cannot be reached ({reason}): if it is a "
+            "local path, it does not exist; if it is a Hub model, check the network, or set HF_HUB_OFFLINE=1 to "
+            "load it from the cache"
+        ) from None
 
 
 def check_checkpoint_directory(path: Path, parameter: str = "model_or_path", trust_remote_code: bool = False) -> None:

@@ -71,7 +71,7 @@ def hidden_size_of(model: nn.Module) -> tuple[int, torch.dtype]:
     if not isinstance(hidden, int):
         hidden = getattr(embeddings, "embedding_dim", None)
     if not isinstance(hidden, int):
-        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: no config.hidden_size")
+        raise InvalidArgumentError(f"cannot tell the hidden size of {type(model).__name__}: no config.hidden_size")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return hidden, dtype
 
@@ -144,7 +144,7 @@ def check_activation_budget(
     )
     budget = None if max_memory is None else _budget_for(max_memory, storage)
     if budget is not None and needed > budget:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"max_memory={max_memory!r} gives {format_bytes(budget)} on {storage}, but the calibration activations "
             f"need {format_bytes(needed)} (2 x num_samples={num_samples} x sequence_length={sequence_length} x "
             f"hidden_size={hidden} x {dtype}); lower num_samples or sequence_length, raise max_memory, or keep "

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
+
 __all__ = [
     "find_decoder_blocks",
     "find_prunable_layers",
@@ -69,7 +71,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or size > best[0]:
             best = (size, name, module)
     if best is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"model of type {type(model).__name__} has no decoder blocks that optimum-admm can find: expected an "
             "nn.ModuleList of identical blocks containing nn.Linear (or Conv1D) layers"
         )
@@ -123,7 +125,7 @@ def find_prunable_layers(
         if pattern in default_targets:
             continue
         if not any(matches(name, module, pattern) for name, module in all_modules):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"targets pattern {pattern!r} matches no module of {type(model).__name__}; module names look like "
                 f"{[n for n, m in all_modules if is_linear(m)][:4]}"
             )
@@ -137,7 +139,7 @@ def find_prunable_layers(
                 layers[name] = module
         per_block.append(layers)
     if not any(per_block):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"targets={targets!r} with ignore={ignore!r} select no linear layer inside the decoder blocks "
             f"({blocks_name}) of {type(model).__name__}"
         )

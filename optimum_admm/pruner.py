@@ -14,6 +14,7 @@ from torch import nn
 
 from .calibration import CalibrationSource, describe_source, get_calibration_data, vocabulary_size, window_length
 from .configuration import ADMMConfig, PruningConfig, default_of
+from .errors import InvalidArgumentError
 from .modeling import find_decoder_blocks, find_prunable_layers, get_weight_matrix
 from .registry import get_method
 from .reporting import PruningReport
@@ -28,7 +29,7 @@ def _check_config(config: PruningConfig | None) -> PruningConfig:
     if config is None:
         return ADMMConfig()
     if not isinstance(config, PruningConfig):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"config of type {type(config).__name__} is invalid; allowed: a PruningConfig such as ADMMConfig(...)"
         )
     get_method(config)  # fails now, not after loading, when the config type has no registered method
@@ -53,7 +54,7 @@ class ADMMPruner(OptimumQuantizer):
     def __init__(self, model: nn.Module, tokenizer: Any = None, config: PruningConfig | None = None) -> None:
         self.config = _check_config(config)
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model of type {type(model).__name__} is invalid; allowed: a torch nn.Module")
+            raise InvalidArgumentError(f"model of type {type(model).__name__} is invalid; allowed: a torch nn.Module")
         self.model = model
         self.tokenizer = tokenizer
         blocks_name, blocks = find_decoder_blocks(model)
@@ -71,7 +72,7 @@ class ADMMPruner(OptimumQuantizer):
                 for name, module in layers.items():
                     in_features = get_weight_matrix(module).shape[1]
                     if in_features % m:
-                        raise ValueError(
+                        raise InvalidArgumentError(
                             f"mask_structure={self.config.mask_structure!r} needs in_features divisible by M={m}; "
                             f"{name} has in_features={in_features}. Add it to `ignore` or use another pattern"
                         )
@@ -117,13 +118,13 @@ class ADMMPruner(OptimumQuantizer):
         config = _check_config(config)
         if isinstance(model_or_path, nn.Module):
             if model_kwargs or device_map is not None or revision is not None:
-                raise ValueError(
+                raise InvalidArgumentError(
                     "device_map, revision and loading keyword arguments apply only when model_or_path is a path or "
                     "Hub id; got an already loaded model"
                 )
             return cls(model_or_path, tokenizer=tokenizer, config=config)
         if not isinstance(model_or_path, (str, os.PathLike)):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"model_or_path of type {type(model_or_path).__name__} is invalid; allowed: a Hub id, a local "
                 "path or a loaded PreTrainedModel"
             )
@@ -193,7 +194,7 @@ class ADMMPruner(OptimumQuantizer):
         calibration: dict[str, Any] = {}
         if config.needs_calibration:
             if calibration_dataset is None:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"calibration_dataset=None is invalid for method {config.method!r}; allowed: 'wikitext2', "
                     "'c4', a datasets.Dataset, a list of strings, a text file path, a DataLoader or a tensor"
                 )

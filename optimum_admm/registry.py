@@ -25,6 +25,7 @@ from .configuration import (
     add_config_class,
     config_classes,
 )
+from .errors import InvalidArgumentError
 from .stats import Statistic, StatisticAccumulator, resolve_statistic
 
 __all__ = [
@@ -103,20 +104,20 @@ def register_method(
         >>> spec = register_method(MyWandaConfig, get_method(WandaConfig()), statistic="input_norms")  # doctest: +SKIP
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, PruningConfig)):
-        raise ValueError(f"config_cls={config_cls!r} is invalid; allowed: a PruningConfig subclass")
+        raise InvalidArgumentError(f"config_cls={config_cls!r} is invalid; allowed: a PruningConfig subclass")
     name = config_cls.method
     if name in _SPECS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"method {name!r} is registered already (by {_SPECS[name].config_class.__qualname__}); give "
             f"{config_cls.__qualname__} its own `method: ClassVar[str] = ...` name"
         )
     if not callable(fn):
-        raise ValueError(f"fn={fn!r} is invalid; allowed: a callable")
+        raise InvalidArgumentError(f"fn={fn!r} is invalid; allowed: a callable")
     if mask_fn is not None and not callable(mask_fn):
-        raise ValueError(f"mask_fn={mask_fn!r} is invalid; allowed: a callable or None")
+        raise InvalidArgumentError(f"mask_fn={mask_fn!r} is invalid; allowed: a callable or None")
     factory = resolve_statistic(statistic)
     if (factory is not None) != config_cls.needs_calibration:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"statistic={statistic!r} contradicts {config_cls.__qualname__}.needs_calibration="
             f"{config_cls.needs_calibration}; a method reads calibration data exactly when it declares a statistic"
         )
@@ -133,7 +134,7 @@ def get_spec(config: PruningConfig) -> MethodSpec:
     for cls in type(config).__mro__:
         if cls in registered:
             return registered[cls]
-    raise ValueError(
+    raise InvalidArgumentError(
         f"config of type {type(config).__name__} has no registered method; registered: "
         f"{sorted(spec.config_class.__name__ for spec in _SPECS.values())}"
     )
@@ -164,7 +165,7 @@ def config_class_for(method: str | None) -> type[PruningConfig]:
     """The config class registered under ``method`` (the ``"method"`` key of a saved recipe)."""
     classes = config_classes()
     if method not in classes:
-        raise ValueError(f"method={method!r} is unknown; allowed: {sorted(classes)}")
+        raise InvalidArgumentError(f"method={method!r} is unknown; allowed: {sorted(classes)}")
     return classes[method]
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import resume
 from .activations import Storage, check_activation_storage, resolve_storage, stash
 from .configuration import PruningConfig, default_of
-from .errors import NonFiniteWeightsError, UnprunedLayersError
+from .errors import InvalidArgumentError, NonFiniteWeightsError, UnprunedLayersError
 from .masks import row_chunks
 from .memory import MaxMemory, release_freed_host_memory
 from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
@@ -426,7 +426,7 @@ def prune_model(
     storage = resolve_storage(storage_device, activation_cache_dir)
     if run.spec.needs_calibration:
         if not calibration_batches:
-            raise ValueError(f"method {config.method!r} needs calibration_batches; got none")
+            raise InvalidArgumentError(f"method {config.method!r} needs calibration_batches; got none")
         num_samples = sum(int(b.shape[0]) for b in calibration_batches)
         check_activation_storage(model, num_samples, int(calibration_batches[0].shape[1]), max_memory, storage)
     first = 0 if checkpoint_dir is None else _start_checkpoint(run, calibration_batches)

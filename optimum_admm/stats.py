@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .errors import InvalidArgumentError
 from .masks import row_chunks
 
 __all__ = [
@@ -115,11 +116,13 @@ def resolve_statistic(statistic: Statistic) -> Callable[[int, torch.device], Sta
         return None
     if isinstance(statistic, str):
         if statistic not in _BUILT_IN:
-            raise ValueError(f"statistic={statistic!r} is unknown; allowed: {sorted(_BUILT_IN)}, None or a factory")
+            raise InvalidArgumentError(
+                f"statistic={statistic!r} is unknown; allowed: {sorted(_BUILT_IN)}, None or a factory"
+            )
         return _BUILT_IN[statistic]
     if callable(statistic):
         return statistic
-    raise ValueError(f"statistic={statistic!r} is invalid; allowed: {sorted(_BUILT_IN)}, None or a factory")
+    raise InvalidArgumentError(f"statistic={statistic!r} is invalid; allowed: {sorted(_BUILT_IN)}, None or a factory")
 
 
 def relative_reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:

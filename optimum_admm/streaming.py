@@ -37,6 +37,7 @@ from torch import nn
 from . import resume
 from .calibration import CalibrationSource, describe_source, get_calibration_data, vocabulary_size, window_length
 from .configuration import PruningConfig
+from .errors import InvalidArgumentError
 from .export import check_save_dir, write_pruning_files
 from .files import staged_directory
 from .memory import MaxMemory, release_freed_host_memory
@@ -85,7 +86,7 @@ def checkpoint_weight_map(source: str | os.PathLike) -> dict[str, str]:
         return dict(json.loads((directory / _INDEX).read_text())["weight_map"])
     single = directory / "model.safetensors"
     if not single.is_file():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"source={str(source)!r} is invalid; allowed: a directory with model.safetensors or {_INDEX} "
             "(streaming mode reads safetensors only)"
         )
@@ -124,7 +125,7 @@ def _model_names(model: nn.Module, stored_names: list[str]) -> dict[str, str]:
     for stored in stored_names:
         name, converted = rename_source_key(stored, renamings, converters, model.base_model_prefix, meta_state)
         if converted is not None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"source tensor {stored!r} is invalid for streaming mode; allowed: tensors loaded as stored "
                 f"(transformers converts it on load with pattern {converted!r}); prune the loaded model instead"
             )
@@ -266,7 +267,7 @@ def _skeleton(source: Path, weight_map: dict[str, str]) -> tuple[nn.Module, _Che
     stored = _model_names(model, list(weight_map))
     unknown = sorted(stored[name] for name in set(stored) - set(model.state_dict()))
     if unknown:
-        raise ValueError(f"source={str(source)!r} holds tensors the model does not name: {unknown[:5]}")
+        raise InvalidArgumentError(f"source={str(source)!r} holds tensors the model does not name: {unknown[:5]}")
     files = {name: weight_map[stored_name] for name, stored_name in stored.items()}
     return model.eval(), _Checkpoint(source, files, stored)
 
@@ -394,7 +395,7 @@ def _calibration_batches(model, source: Path, config: PruningConfig, dataset, to
     if not config.needs_calibration:
         return None, {}
     if dataset is None:
-        raise ValueError(f"calibration_dataset=None is invalid for method {config.method!r}")
+        raise InvalidArgumentError(f"calibration_dataset=None is invalid for method {config.method!r}")
     if tokenizer is None and not isinstance(dataset, torch.Tensor):
         from transformers import AutoTokenizer
 
@@ -541,7 +542,9 @@ def _embedding_rows(model, checkpoint, key, batches, device):
         vocabulary = int(view.get_shape()[0])
         if int(rows[0]) < 0 or int(rows[-1]) >= vocabulary:
             bad = int(rows[0]) if int(rows[0]) < 0 else int(rows[-1])
-            raise ValueError(f"calibration token id {bad} is invalid; allowed: 0 to {vocabulary - 1} (the vocabulary)")
+            raise InvalidArgumentError(
+                f"calibration token id {bad} is invalid; allowed: 0 to {vocabulary - 1} (the vocabulary)"
+            )
         compact = torch.cat([view[a:b] for a, b in _row_runs(rows.tolist())])
     compact = nn.Parameter(compact.to(device=device, dtype=module.weight.dtype), requires_grad=False)
 

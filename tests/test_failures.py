@@ -261,6 +261,15 @@ CLI_CASES = [
         {"HF_HUB_OFFLINE": "1"},
     ),
     Case(
+        "model-name-hub-unreachable",  # a missing relative name: said at once, not after a minute of retries
+        _prune(model="my-model-dir"),
+        1,
+        r"--model my-model-dir is not a local directory, and the Hub cannot be reached .*if it is a local path, it "
+        r"does not exist",
+        "before-load",
+        {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    ),
+    Case(
         "dataset-not-utf8",
         _prune(dataset="{root}/latin1.txt"),
         1,
@@ -361,8 +370,10 @@ def _run_cli_in_process(case: Case, root: Path, monkeypatch, capsys) -> tuple[in
 
     for key, value in case.env.items():
         monkeypatch.setenv(key, _format(value, root))
-    if case.env.get("HF_HUB_OFFLINE"):
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    if "HF_HUB_OFFLINE" in case.env:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", case.env["HF_HUB_OFFLINE"] == "1")
+    if "HF_ENDPOINT" in case.env:
+        monkeypatch.setattr(constants, "ENDPOINT", case.env["HF_ENDPOINT"])
     if "HF_TOKEN" in case.env:
         monkeypatch.delenv("HF_TOKEN")
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(root / "no-token"))
@@ -715,3 +726,26 @@ def test_a_full_or_read_only_output_is_refused_before_loading(
         assert not any(mount.iterdir())
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_hub_error_on_push_is_one_line_and_the_saved_model_is_kept(world, tmp_path):
+    from conftest import online_environment
+    from hub_server import HubServer
+
+    token = "hf_failures_Secret_1a2b3c"
+    with HubServer({token}) as hub:
+        hub.state.fail_next("POST", r"^/api/models/org/flaky/commit/", 500)
+        env = {**online_environment(), "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
+        result = subprocess.run(
+            [CONSOLE_SCRIPT, *[_format(a, tmp_path) for a in _prune("--push-to-hub", "org/flaky", model=str(world /
+             "dense"), dataset=str(world / "calib.txt"))]],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert "model.safetensors" not in hub.state.files("org/flaky")  # nothing half-committed
+    assert result.returncode == 1 and "Traceback" not in result.stderr and token not in result.stderr
+    errors_printed = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors_printed) == 1, result.stderr
+    assert "HTTP 500; nothing was committed" in errors_printed[0]
+    assert f"the pruned model is saved in {tmp_path / 'out'}" in errors_printed[0]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
