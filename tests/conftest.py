@@ -216,3 +216,15 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFL
 def online_environment() -> dict[str, str]:
     """``os.environ`` without the offline switches, for a subprocess that talks to the loopback Hub server."""
     return {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
+
+
+def tree_hash(directory) -> str:
+    """A digest of every file's relative path and bytes under ``directory`` (the source is unchanged if equal)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(directory).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ run the console script's ``main()`` in this process (so the spies see inside); a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,19 +23,12 @@ from typing import Any
 import pytest
 import torch
 from conftest import build_tiny_model
+from conftest import tree_hash as _tree_hash
 
 import optimum_admm.sequential as sequential
 from optimum_admm import ADMMConfig, ADMMPruner, MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig, errors
 
 TESTS = Path(__file__).parent
-
-
-def _tree_hash(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(directory).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model, interrupt_at_block, make_text
+from conftest import tree_hash as _tree_hash
 
 from optimum_admm import ADMMConfig, ADMMPruner
 
@@ -22,14 +22,6 @@ TESTS = Path(__file__).parent
 def _prune(model, tokenizer, text, checkpoint_dir=None, **config):
     pruner = ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=ADMMConfig(**{**FAST, **config}))
     return pruner.prune(calibration_dataset=[text], show_progress=False, checkpoint_dir=checkpoint_dir)
-
-
-def _tree_hash(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(directory).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.mark.parametrize("family", ["gemma3-sliding"])  # 3 blocks, per-layer masks: resumes mid-model

@@ -392,3 +392,25 @@ def test_a_custom_statistic_factory_is_what_the_method_receives(isolated_registr
         [corpus_text], show_progress=False
     )
     assert seen and set(seen) == {4 * 32}
+
+
+def test_memory_benchmark_runs_at_tiny_size_and_compares_the_statistics(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "memory.py"
+    output = tmp_path / "memory.json"
+    sizes = ["--hidden", "128", "--intermediate", "256", "--layers", "2", "--vocab", "512", "--num-samples", "2",
+             "--sequence-length", "16"]  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(script), *sizes, "--workdir", str(tmp_path / "work"), "--output", str(output)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    results = json.loads(output.read_text())
+    runs = {(run["statistic"], bool(run["allocator_env"])): run for run in results["runs"]}
+    assert set(runs) == {("input_norms", False), ("input_norms", True), ("gram", False)}
+    assert results["statistics_gb"]["input_norms"] < results["statistics_gb"]["gram"]
+    for run in runs.values():
+        assert run["sparsity"] == pytest.approx(0.5)
+        assert sum(run["time_split"].values()) == pytest.approx(1.0, rel=1e-6)
