@@ -228,7 +228,12 @@ class ADMMPruner(OptimumQuantizer):
         self.report = report
         logger.info("pruned: sparsity %.4f over %d layers", report.sparsity, len(report.layers))
         if save_dir is not None:
-            self.save_pretrained(save_dir, overwrite=overwrite)
+            from .distributed import current
+
+            group = current()
+            if group.is_main:  # with several ranks every one holds the same pruned model: rank 0 saves it
+                self.save_pretrained(save_dir, overwrite=overwrite)
+            group.barrier()
         return report
 
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None, **kwargs: Any) -> PruningReport:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from tqdm.auto import tqdm
 from . import resume
 from .activations import Storage, check_activation_storage, resolve_storage, stash
 from .configuration import PruningConfig, default_of
+from .distributed import Distributed, assign_layers
+from .distributed import current as current_group
 from .errors import InvalidArgumentError, NonFiniteWeightsError, UnprunedLayersError
 from .masks import row_chunks
 from .memory import MaxMemory, release_freed_host_memory
@@ -67,6 +70,10 @@ class _Run:
     checkpoint_dir: Path | None = None
     state: resume.CheckpointState | None = None
     unpruned: list[str] = field(default_factory=list)
+    dist: Distributed = field(default_factory=Distributed)
+    num_samples: int = 0  # calibration samples over all ranks
+    #: the targeted linears of every block, by full name
+    layers: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -260,7 +267,21 @@ def _accumulate(run: _Run, block, layers, groups, inputs, index, device) -> dict
     finally:
         for handle in handles:
             handle.remove()
+    if run.dist.enabled:
+        with run.timer.phase("communication"):
+            for accumulator in dict.fromkeys(accumulators.values()):  # each distinct one once, in group order
+                _all_reduce_statistic(run.dist, accumulator)
     return accumulators
+
+
+def _all_reduce_statistic(dist: Distributed, accumulator: StatisticAccumulator) -> None:
+    """Sum an accumulator over the ranks: its tensor value in place (fp32) and its token count."""
+    value = accumulator.value
+    if isinstance(value, torch.Tensor):
+        dist.all_reduce_(value)
+    count = torch.tensor([accumulator.num_tokens], dtype=torch.float64)
+    dist.all_reduce_(count)
+    accumulator.num_tokens = int(count.item())
 
 
 def _prune_layer(
@@ -293,21 +314,48 @@ def _prune_layer(
     return row
 
 
-def _solve(run: _Run, name: str, accumulator: StatisticAccumulator | None) -> None:
+def _solve(run: _Run, name: str, accumulator: StatisticAccumulator | None) -> LayerReport:
     with run.timer.phase("solve"), run.store.module(name) as module:
-        row = _prune_layer(name, module, accumulator, run.config, run.spec)
+        return _prune_layer(name, module, accumulator, run.config, run.spec)
+
+
+def _record(run: _Run, row: LayerReport) -> None:
     run.report.layers.append(row)
     granularity = 1.0 / row.shape[1]  # a per-row selection rounds to whole weights
     if row.sparsity < run.config.sparsity - max(0.01, granularity):
-        run.unpruned.append(f"{name} (sparsity {row.sparsity:.3f} < {run.config.sparsity:.3f})")
+        run.unpruned.append(f"{row.name} (sparsity {row.sparsity:.3f} < {run.config.sparsity:.3f})")
+
+
+def _solve_stage(run: _Run, names: list[str], accumulators: dict[str, StatisticAccumulator]) -> None:
+    """Prune the layers of one stage. With several ranks each layer is solved on the rank
+    :func:`~optimum_admm.distributed.assign_layers` gives it, and its pruned weight and report row are broadcast."""
+    costs = {n: float(math.prod(get_weight_matrix(run.layers[n]).shape)) * get_weight_matrix(run.layers[n]).shape[1]
+             for n in names}  # fmt: skip
+    owners = assign_layers(costs, run.dist.world_size)
+    rows: dict[str, LayerReport | None] = {}
+    for name in names:
+        # The dict holds the only references: a group's statistic is freed once its last layer is pruned.
+        accumulator = accumulators.pop(name)
+        if accumulator.num_tokens == 0:  # summed over the ranks: every rank skips the same layers
+            run.unpruned.append(f"{name} (no calibration input)")
+            continue
+        rows[name] = _solve(run, name, accumulator) if owners[name] == run.dist.rank else None
+        del accumulator
+        release_freed_host_memory()
+    for name in rows:
+        if run.dist.enabled:
+            with run.timer.phase("communication"), run.store.module(name) as module:
+                run.dist.broadcast_(get_weight_matrix(module), owners[name])
+                rows[name] = run.dist.broadcast_object(rows[name], owners[name])
+        _record(run, rows[name])
 
 
 def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
     """Calibrate, prune and (when there are inputs) propagate one loaded block."""
     block, layers = run.blocks[index], run.layers_per_block[index]
-    if inputs is None:
+    if inputs is None:  # no statistics: every rank prunes every layer alike, nothing to exchange
         for name in layers:
-            _solve(run, name, None)
+            _record(run, _solve(run, name, None))
         return
     device = execution_device(block)
     with run.timer.phase("forward"):
@@ -317,15 +365,7 @@ def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
     for stage in stages:
         accumulators = _accumulate(run, block, layers, [g for g in groups if g[0] in stage], inputs, index, device)
         release_freed_host_memory()  # the forwards' temporaries, before the solves allocate theirs
-        for name in stage:
-            # The dict holds the only references: a group's statistic is freed once its last layer is pruned.
-            accumulator = accumulators.pop(name)
-            if accumulator.num_tokens == 0:
-                run.unpruned.append(f"{name} (no calibration input)")
-                continue
-            _solve(run, name, accumulator)
-            del accumulator
-            release_freed_host_memory()
+        _solve_stage(run, stage, accumulators)
     if index + 1 < len(run.blocks):  # the last block's outputs feed nothing
         with run.timer.phase("forward"):
             inputs.hidden = list(_run_block(block, inputs, index, device, inputs.storage))
@@ -340,18 +380,29 @@ def _process_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
     if run.state is not None:
         digest = resume.digest_tensors(run.store.block_tensors(index))
         resume.check_digest(run.checkpoint_dir, run.state, index, run.store.block_name(index), digest)
-        resume.record_digest(run.checkpoint_dir, run.state, index, digest)
+        if run.dist.is_main:  # only rank 0 writes
+            resume.record_digest(run.checkpoint_dir, run.state, index, digest)
     _prune_block(run, index, inputs)
     recorded = None
     if run.state is not None and not run.unpruned:
-        with run.timer.phase("write"):
-            run.state.layers = run.report.layers
-            hidden = inputs.hidden if inputs is not None and index + 1 < len(run.blocks) else None
-            resume.save_block(run.checkpoint_dir, index, run.store.block_tensors(index), hidden, run.state)
-            recorded = resume.block_path(run.checkpoint_dir, index)
+        recorded = _checkpoint_block(run, index, inputs)
     run.store.commit_block(index, recorded)
     run.store.release_block(index)
     release_freed_host_memory()
+
+
+def _checkpoint_block(run: _Run, index: int, inputs: _BlockInputs | None) -> Path:
+    """Record block ``index`` and the next block's inputs (every rank's share, in sample order) on rank 0."""
+    hidden = None
+    if inputs is not None and index + 1 < len(run.blocks):
+        with run.timer.phase("communication"):
+            hidden = run.dist.gather_samples(inputs.hidden, run.num_samples)
+    if run.dist.is_main:
+        with run.timer.phase("write"):
+            run.state.layers = run.report.layers
+            resume.save_block(run.checkpoint_dir, index, run.store.block_tensors(index), hidden, run.state)
+    run.dist.barrier()  # the recorded shard exists before any rank goes on
+    return resume.block_path(run.checkpoint_dir, index)
 
 
 def _restore(run: _Run, first: int, inputs: _BlockInputs | None) -> None:
@@ -364,8 +415,9 @@ def _restore(run: _Run, first: int, inputs: _BlockInputs | None) -> None:
         run.store.release_block(index)
     run.report.layers = list(run.state.layers)
     if inputs is not None and first < len(run.blocks):
-        with run.timer.phase("load"):
-            inputs.hidden = [stash(h, inputs.storage) for h in resume.load_inputs(run.checkpoint_dir, first)]
+        with run.timer.phase("load"):  # recorded in sample order: this rank's share, whatever the rank count was
+            recorded = run.dist.shard(resume.load_inputs(run.checkpoint_dir, first))
+            inputs.hidden = [stash(h, inputs.storage) for h in recorded]
 
 
 def _start_checkpoint(run: _Run, batches: list[torch.Tensor] | None) -> int:
@@ -425,10 +477,9 @@ def prune_model(
     run = _new_run(model, config, store, checkpoint_dir)
     storage = resolve_storage(storage_device, activation_cache_dir)
     if run.spec.needs_calibration:
-        if not calibration_batches:
-            raise InvalidArgumentError(f"method {config.method!r} needs calibration_batches; got none")
-        num_samples = sum(int(b.shape[0]) for b in calibration_batches)
-        check_activation_storage(model, num_samples, int(calibration_batches[0].shape[1]), max_memory, storage)
+        _check_batches(run, calibration_batches)
+        local = run.dist.shard(calibration_batches)  # this rank's samples
+        check_activation_storage(model, len(local), int(calibration_batches[0].shape[1]), max_memory, storage)
     first = 0 if checkpoint_dir is None else _start_checkpoint(run, calibration_batches)
     if run.store.resident:  # every weight checked before the first forward (a streamed block: as it is read)
         for index in range(len(run.blocks)):
@@ -439,13 +490,14 @@ def prune_model(
         with torch.no_grad():
             inputs = None
             if run.spec.needs_calibration and first < len(run.blocks):
-                capture = calibration_batches if first == 0 else calibration_batches[:1]  # resumed: arguments only
+                capture = local if first == 0 else calibration_batches[:1]  # resumed: the arguments only
                 with run.timer.phase("forward"):
                     inputs = _capture_inputs(model, run.blocks, capture, storage, run.store)
             if first:
                 _restore(run, first, inputs)
             blocks = range(first, len(run.blocks))
-            bar = tqdm(blocks, desc=f"Pruning ({config.method})", unit="block", disable=not show_progress)
+            shown = show_progress and run.dist.is_main
+            bar = tqdm(blocks, desc=f"Pruning ({config.method})", unit="block", disable=not shown)
             for index in bar:
                 _process_block(run, index, inputs)
                 _progress(run, index, bar)
@@ -459,6 +511,19 @@ def prune_model(
     return _finish_report(run)
 
 
+def _check_batches(run: _Run, batches: list[torch.Tensor] | None) -> None:
+    if not batches:
+        raise InvalidArgumentError(f"method {run.config.method!r} needs calibration_batches; got none")
+    if any(int(b.shape[0]) != 1 for b in batches) and run.dist.enabled:
+        raise InvalidArgumentError("calibration_batches must hold one sample each when pruning with several ranks")
+    if len(batches) < run.dist.world_size:
+        raise InvalidArgumentError(
+            f"num_samples={len(batches)} is invalid with {run.dist.world_size} ranks; allowed: at least one "
+            "calibration sample per rank"
+        )
+    run.num_samples = len(batches)
+
+
 def _new_run(model, config, store, checkpoint_dir) -> _Run:
     blocks_name, blocks = find_decoder_blocks(model)
     default_targets = default_of(type(config), "targets")
@@ -467,7 +532,10 @@ def _new_run(model, config, store, checkpoint_dir) -> _Run:
     store.bind(blocks_name, blocks)
     report = PruningReport(method=config.method, config=config.to_dict())
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
-    return _Run(model, config, get_spec(config), store, blocks, layers, report, store.timer, directory)
+    run = _Run(model, config, get_spec(config), store, blocks, layers, report, store.timer, directory)
+    run.dist = current_group()
+    run.layers = {name: module for block_layers in layers for name, module in block_layers.items()}
+    return run
 
 
 def _finish_report(run: _Run) -> PruningReport:

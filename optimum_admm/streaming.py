@@ -20,6 +20,7 @@ the source is only read, and neither its other weight files nor its card are cop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from torch import nn
 from . import resume
 from .calibration import CalibrationSource, describe_source, get_calibration_data, vocabulary_size, window_length
 from .configuration import PruningConfig
+from .distributed import current as current_group
 from .errors import InvalidArgumentError
 from .export import check_save_dir, write_pruning_files
 from .files import staged_directory
@@ -306,7 +308,7 @@ class CheckpointStore(WeightStore):
 
     resident = False
 
-    def __init__(self, model, checkpoint: _Checkpoint, staging: Path, device: torch.device, timer=None) -> None:
+    def __init__(self, model, checkpoint: _Checkpoint, staging: Path | None, device: torch.device, timer=None) -> None:
         super().__init__(model, timer)
         self.checkpoint, self.staging, self.device = checkpoint, staging, device
         self.block_keys: list[list[str]] = []
@@ -358,10 +360,14 @@ class CheckpointStore(WeightStore):
         return _block_tensors(self.model, self.block_keys[index])
 
     def restore_block(self, index: int, recorded: Path) -> None:
+        if self.staging is None:  # a rank that does not write
+            return
         with self.timer.phase("write"):
             _link_or_copy(recorded, self.staging / self._shard(index))
 
     def commit_block(self, index: int, recorded: Path | None) -> None:
+        if self.staging is None:
+            return
         with self.timer.phase("write"):
             if recorded is not None:
                 _link_or_copy(recorded, self.staging / self._shard(index))
@@ -376,6 +382,8 @@ class CheckpointStore(WeightStore):
         """Write the non-block shard, the index and the copied files; returns the shard names."""
         first = f"model-00001-of-{len(self.blocks) + 1:05d}.safetensors"
         shards = [self._shard(i) for i in range(len(self.blocks))]
+        if self.staging is None:
+            return [first, *shards]
         with self.timer.phase("write"):  # unpruned: copied from the source in chunks, never held (an embedding is
             _copy_tensors(self.checkpoint, self.other_keys, self.staging / first)  # often larger than a block)
             weight_map = dict.fromkeys(self.other_keys, first)
@@ -470,7 +478,8 @@ def prune_checkpoint(
         model, checkpoint = _skeleton(source, checkpoint_weight_map(source))
     batches, calibration = _calibration_batches(model, source, config, calibration_dataset, tokenizer)
     card = {"base_model": base_model, "license": license, "repo_id": repo_id} if model_card else None
-    with staged_directory(target) as staging:
+    group = current_group()  # with several ranks, rank 0 writes the output and the others only compute
+    with staged_directory(target) if group.is_main else contextlib.nullcontext() as staging:
         store = CheckpointStore(model, checkpoint, staging, torch.device(execution_device), timer)
         report = prune_model(
             model,
@@ -484,12 +493,14 @@ def prune_checkpoint(
             store=store,
         )
         report.calibration = calibration
-        shards = store.finish()
-        evaluation = evaluate(staging) if evaluate is not None else None
-        with timer.phase("write"):
-            write_pruning_files(
-                staging, config, report, evaluation_results=evaluation, card_kwargs=card, model_config=model.config
-            )
+        shards, evaluation = store.finish(), None
+        if staging is not None:
+            evaluation = evaluate(staging) if evaluate is not None else None
+            with timer.phase("write"):
+                write_pruning_files(
+                    staging, config, report, evaluation_results=evaluation, card_kwargs=card, model_config=model.config
+                )
+    group.barrier()  # the output is in place before any rank returns
     load, write = timer.seconds["load"], timer.seconds["write"]
     report.load_seconds, report.write_seconds, report.total_seconds = load, write, timer.wall
     result = StreamingResult(report, target, load, report.total_seconds - load - write, write, shards)

@@ -196,11 +196,13 @@ class PruneCommand(GuardedCommand):
         return config, self._check_large_model_arguments()
 
     def execute(self) -> None:
+        from ..distributed import init_from_environment
         from ..files import check_writable_directory
         from ..loading import check_model_source
 
         args = self.args
         config, max_memory = self._check_arguments()
+        init_from_environment()  # under torchrun: one process group, every rank prunes its share
         # The environment, before any download or load: the model source, the output, the token, the data files.
         source = check_model_source(args.model, trust_remote_code=args.trust_remote_code, parameter="--model")
         check_writable_directory(args.output, "--output", _checkpoint_bytes(source))
@@ -257,6 +259,8 @@ class PruneCommand(GuardedCommand):
             trust_remote_code=args.trust_remote_code,
         )
         check_writable_directory(args.output, "--output", _model_bytes(pruner.model))  # now with the real size
+        from ..distributed import current
+
         report = pruner.prune(
             calibration_dataset=calibration,
             show_progress=not args.no_progress,
@@ -264,6 +268,8 @@ class PruneCommand(GuardedCommand):
             checkpoint_dir=args.checkpoint_dir,
             activation_cache_dir=args.activation_cache_dir,
         )
+        if not current().is_main:
+            return  # every rank holds the same pruned model: rank 0 evaluates, saves and pushes it
         print(report.summary(max_rows=20))
         evaluation = None
         if args.eval_dataset is not None:
@@ -413,6 +419,10 @@ class PruneCommand(GuardedCommand):
             base_model=base_model,
             repo_id=args.push_to_hub,
         )
+        from ..distributed import current
+
+        if not current().is_main:
+            return  # rank 0 wrote the output
         report = result.report
         if report is not None and hasattr(report, "summary"):
             print(report.summary(max_rows=20))
