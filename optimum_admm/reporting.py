@@ -102,6 +102,8 @@ class PruningReport:
     #: Reading weights (streaming and offload) and writing the output and checkpoints.
     load_seconds: float = 0.0
     write_seconds: float = 0.0
+    #: With several processes: all-reducing statistics, broadcasting pruned weights, gathering checkpoint inputs.
+    communication_seconds: float = 0.0
 
     @property
     def sparsity(self) -> float:

@@ -544,5 +544,6 @@ def _finish_report(run: _Run) -> PruningReport:
     report.statistics_seconds = seconds["statistics"]
     report.solve_seconds = seconds["solve"]
     report.load_seconds, report.write_seconds = seconds["load"], seconds["write"]
+    report.communication_seconds = seconds["communication"]
     report.total_seconds = run.timer.wall
     return report

@@ -39,7 +39,7 @@ def calibration(vocab: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("mode", choices=["memory", "streaming", "resume", "fail"])
+    parser.add_argument("mode", choices=["memory", "offload", "streaming", "resume", "fail"])
     parser.add_argument("--family", default="llama")
     parser.add_argument("--source", type=Path)
     parser.add_argument("--checkpoint-dir", type=Path)
@@ -75,13 +75,22 @@ def main() -> None:
                 return real_prune(run, index, inputs)
 
             sequential._prune_block = failing
-    methods = ["admm"] if args.mode in ("resume", "fail") else list(METHODS)
+    methods = list(METHODS) if args.mode == "memory" else ["admm"]
     for name in methods:
         model = build_tiny_model(args.family)
+        if args.mode == "offload":  # block 1 on disk, in this rank's own offload folder
+            from accelerate import dispatch_model
+            from test_offload import _device_map
+
+            folder = args.out / f"offload-{group.rank}"
+            model = dispatch_model(model, _device_map(model, offloaded={1}), offload_dir=str(folder))
         pruner = ADMMPruner.from_pretrained(model, config=METHODS[name])
         pruner.prune(calibration(model.config.vocab_size), show_progress=False, checkpoint_dir=args.checkpoint_dir)
         if group.is_main:
-            torch.save(model.state_dict(), args.out / f"{name}.pt")
+            from optimum_admm.stores import store_for
+
+            store = store_for(model)  # offloaded weights are read from the weights map
+            torch.save({k: store.read(k).clone() for k, _ in model.named_parameters()}, args.out / f"{name}.pt")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,14 @@ def test_two_ranks_prune_like_one_process_for_every_method(tmp_path):
         _assert_close(_one_process("llama", name), torch.load(tmp_path / f"{name}.pt"))
 
 
+def test_two_ranks_prune_a_disk_offloaded_model_like_one_process(tmp_path):
+    result = _torchrun(WORKER, str(tmp_path), "offload")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _one_process("llama", "admm")
+    got = torch.load(tmp_path / "admm.pt")
+    _assert_close({k: expected[k] for k in got}, got)
+
+
 def test_two_ranks_stream_a_checkpoint_and_only_rank_zero_writes(tmp_path):
     source = tmp_path / "source"
     build_tiny_model("gemma3-sliding").save_pretrained(source, max_shard_size="20KB")
