@@ -9,7 +9,9 @@ interleaved over ``--rounds`` rounds so that a noisy machine affects every setti
 * 1 process, 2 threads: the same two cores used by one process (the fair comparison on a 2-core machine).
 
 For each setting: the median wall time, the split into forward, statistics, solve and communication seconds (rank 0),
-and the largest weight difference and mask disagreement against the 1-process result. Results go to
+the layers' mean relative reconstruction error, and the largest weight difference and mask disagreement against the
+1-process, 1-thread result (ADMM's mask flips at near-tied weights under any change of summation order: compare the
+1-process, 2-thread row, which differs from it by its BLAS threads alone). Results go to
 ``benchmarks/results/distributed-cpu.json``.
 
 Reproduce (about 5 minutes on 2 CPU cores)::
@@ -73,6 +75,7 @@ def child(args) -> None:
             "statistics_seconds": report.statistics_seconds,
             "solve_seconds": report.solve_seconds,
             "communication_seconds": report.communication_seconds,
+            "mean_relative_error": report.mean_relative_error,
             "processes": current().world_size,
             "threads": torch.get_num_threads(),
         }
@@ -152,6 +155,7 @@ def main() -> None:
                 f"{phase}_seconds_median": statistics.median(r[f"{phase}_seconds"] for r in results)
                 for phase in ("forward", "statistics", "solve", "communication")
             },
+            "mean_relative_error_median": statistics.median(r["mean_relative_error"] for r in results),
             **_difference(reference, results[-1]["weights"]),
         }
     import torch
