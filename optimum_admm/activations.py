@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OutputDirectoryError
 from .memory import MaxMemory, activation_bytes, check_activation_budget, format_bytes, hidden_size_of
 
 __all__ = ["DiskActivations", "Storage", "check_activation_storage", "check_disk_space", "resolve_storage", "stash"]
@@ -101,7 +101,7 @@ def check_disk_space(storage: DiskActivations, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     logger.info("calibration activations: %s on disk in %s (%s free)", format_bytes(needed), probe, format_bytes(free))
     if needed > free:
-        raise InvalidArgumentError(
+        raise OutputDirectoryError(
             f"activation_cache_dir={str(storage.directory)!r} has {format_bytes(free)} free, but the calibration "
             f"activations need {format_bytes(needed)}; free some space, choose another directory or lower "
             "num_samples or sequence_length"

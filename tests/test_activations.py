@@ -56,7 +56,7 @@ def test_cache_dir_without_room_is_refused_before_any_forward(tokenizer, corpus_
     monkeypatch.setattr(activations.shutil, "disk_usage", lambda path: usage._replace(free=100))
     forwards = []
     monkeypatch.setattr(torch.nn.Module, "__call__", lambda *a, **k: forwards.append(1))
-    with pytest.raises(ValueError, match=r"activation_cache_dir=.* has 100 B free, but .* need 32.00 KiB"):
+    with pytest.raises(OSError, match=r"activation_cache_dir=.* has 100 B free, but .* need 32.00 KiB"):
         _prune(tokenizer, corpus_text, activation_cache_dir=tmp_path / "cache")
     assert forwards == []
 

@@ -477,7 +477,7 @@ def test_max_memory_budget_too_small_is_refused_with_the_numbers(sharded_dir, tm
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main(_prune_args(sharded_dir, out, "--max-memory", "1KiB"))
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # a budget that cannot hold the data is a bad --max-memory
     err = capsys.readouterr().err
     assert "max_memory='1KiB'" in err and "Traceback" not in err
     assert not out.exists()

@@ -297,7 +297,7 @@ CLI_CASES = [
     Case(
         "pattern-not-dividing-width",
         _prune("--pattern", "2:3"),
-        1,
+        2,
         r"mask_structure='2:3' needs in_features divisible by M=3",
         "before-forward",
     ),
