@@ -93,6 +93,7 @@ class ADMMPruner(OptimumQuantizer):
         tokenizer: Any = None,
         *,
         torch_dtype: torch.dtype | str | None = "auto",
+        dtype: torch.dtype | str | None = None,
         device_map: str | dict[str, Any] | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
@@ -105,6 +106,7 @@ class ADMMPruner(OptimumQuantizer):
             config: the pruning recipe (validated before anything is loaded).
             tokenizer: the tokenizer of an already loaded model; loaded from ``model_or_path`` otherwise.
             torch_dtype: dtype to load the weights in (``"auto"``: as stored).
+            dtype: the same, under transformers 5's name (wins over ``torch_dtype`` when given).
             device_map: passed to transformers/accelerate (``"auto"``, ``"cpu"``, a dict, ...).
             revision: Hub revision (branch, tag or commit).
             trust_remote_code: allow custom modeling code from the Hub. Off by default; turn on only for repos you
@@ -137,7 +139,7 @@ class ADMMPruner(OptimumQuantizer):
         with explained_load_errors(model_or_path):
             model = AutoModelForCausalLM.from_pretrained(
                 model_or_path,
-                dtype=torch_dtype,
+                dtype=torch_dtype if dtype is None else dtype,
                 device_map=device_map,
                 use_safetensors=True,
                 **load_kwargs,

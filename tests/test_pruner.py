@@ -261,3 +261,12 @@ def test_block_arguments_agree_within_float_rounding_only():
     positions = torch.arange(8)[None]
     assert not _same(((), {"position_ids": positions}), ((), {"position_ids": positions + 1}))
     assert not _same(((), {"position_ids": positions}), ((), {"position_ids": positions.float()}))
+
+
+def test_dtype_and_torch_dtype_load_the_same_model(tmp_path, tokenizer):
+    build_tiny_model("llama").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    new = ADMMPruner.from_pretrained(tmp_path, dtype=torch.bfloat16).model
+    old = ADMMPruner.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).model
+    assert new.dtype == old.dtype == torch.bfloat16
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in new.state_dict().items())
