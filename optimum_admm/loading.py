@@ -114,6 +114,11 @@ def _check_on_the_hub(repo_id: str, revision: str | None, parameter: str) -> Non
         ) from None
     except hub.RevisionNotFoundError:
         raise ModelLoadError(f"{parameter} {repo_id}: revision {revision!r} does not exist in that repo") from None
+    except hub.HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", "?")
+        raise ModelLoadError(
+            f"{parameter} {repo_id}: the Hub answered HTTP {status}; try again later, or pass a local directory"
+        ) from None
     except Exception as err:  # the HTTP client's connection errors have no common base with OSError
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise ModelLoadError(

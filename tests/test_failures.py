@@ -741,3 +741,23 @@ def test_a_hub_error_on_push_is_one_line_and_the_saved_model_is_kept(world, tmp_
     assert "HTTP 500; nothing was committed" in errors_printed[0]
     assert f"the pruned model is saved in {tmp_path / 'out'}" in errors_printed[0]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("status", "message"), [
+    (None, r"--model org/missing is neither a local directory nor a model on the Hub \(if it is private, log in"),
+    (500, r"--model org/missing: the Hub answered HTTP 500; try again later"),
+])  # fmt: skip
+def test_a_hub_id_that_is_missing_or_failing_is_explained_before_loading(status, message, world, stages, monkeypatch,
+                                                                        capsys):  # fmt: skip
+    from hub_server import HubServer
+    from huggingface_hub import constants
+
+    with HubServer({"hf_x"}) as hub:
+        if status is not None:
+            hub.state.fail_next("GET", r"^/api/models/org/missing", status)
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(world / "empty-hub-cache"))
+        code, err = _run_cli_in_process(Case("hub", _prune(model="org/missing")), world, monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err and __import__("re").search(message, err), err
+    assert stages == [] and not (world / "out").exists()
