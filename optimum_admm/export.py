@@ -42,6 +42,7 @@ __all__ = [
     "pruning_metadata",
     "read_pruning_metadata",
     "save_pruned",
+    "saved_file",
     "staged_directory",
     "write_pruning_files",
 ]
@@ -161,27 +162,64 @@ def pruning_metadata(
     return data
 
 
-def read_pruning_metadata(save_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read ``pruning_config.json`` from a saved pruned model.
+def saved_file(
+    save_dir: str | os.PathLike, filename: str, *, revision: str | None = None, token: str | bool | None = None
+) -> Path:
+    """``filename`` of a saved pruned model: in a local directory, or downloaded (and cached) from a Hub repo id.
+
+    Raises:
+        InvalidArgumentError: the directory or repo has no such file (naming both).
+
+    Example:
+        >>> saved_file("smollm2-admm-60", "pruning_config.json")  # doctest: +SKIP
+        PosixPath('smollm2-admm-60/pruning_config.json')
+    """
+    local = Path(save_dir)
+    if local.is_dir():
+        path = local / filename
+        if not path.is_file():
+            raise InvalidArgumentError(f"save_dir={str(save_dir)!r} has no {filename}")
+        return path
+    from huggingface_hub import errors as hub
+    from huggingface_hub import hf_hub_download
+
+    from .loading import looks_like_a_path
+
+    if looks_like_a_path(str(save_dir)):
+        raise InvalidArgumentError(f"save_dir={str(save_dir)!r} does not exist (a local path: the Hub was not asked)")
+    try:
+        return Path(hf_hub_download(str(save_dir), filename, revision=revision, token=token))
+    except hub.EntryNotFoundError:
+        raise InvalidArgumentError(f"repo {str(save_dir)!r} has no {filename}") from None
+    except (hub.RepositoryNotFoundError, hub.RevisionNotFoundError, hub.LocalEntryNotFoundError) as err:
+        raise InvalidArgumentError(
+            f"save_dir={str(save_dir)!r} is neither a local directory nor a readable Hub repo ({type(err).__name__})"
+        ) from None
+
+
+def read_pruning_metadata(
+    save_dir: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> dict[str, Any]:
+    """Read ``pruning_config.json`` from a saved pruned model: a local directory or a Hub repo id.
 
     Example:
         >>> read_pruning_metadata("smollm2-admm-60")["sparsity"]  # doctest: +SKIP
         0.6
     """
-    path = Path(save_dir) / PRUNING_CONFIG_NAME
-    if not path.is_file():
-        raise InvalidArgumentError(f"save_dir={str(save_dir)!r} has no {PRUNING_CONFIG_NAME}")
+    path = saved_file(save_dir, PRUNING_CONFIG_NAME, revision=revision, token=token)
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_pruning_config(save_dir: str | os.PathLike) -> PruningConfig:
-    """Rebuild the recipe (the config object) a pruned model was made with.
+def load_pruning_config(
+    save_dir: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> PruningConfig:
+    """Rebuild the recipe (the config object) a pruned model was made with, from a local directory or a Hub repo.
 
     Example:
         >>> load_pruning_config("smollm2-admm-60")  # doctest: +SKIP
         ADMMConfig(sparsity=0.6, mask_structure='unstructured', ...)
     """
-    return PruningConfig.from_dict(read_pruning_metadata(save_dir)["config"])
+    return PruningConfig.from_dict(read_pruning_metadata(save_dir, revision=revision, token=token)["config"])
 
 
 def _pack_masks(model: nn.Module, report: PruningReport) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -201,7 +239,9 @@ def _pack_masks(model: nn.Module, report: PruningReport) -> tuple[dict[str, torc
     return tensors, {"format": _MASK_FORMAT, "shapes": json.dumps(shapes)}
 
 
-def load_masks(save_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_masks(
+    save_dir: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> dict[str, torch.Tensor]:
     """Load the masks saved with ``save_masks=True``: ``{parameter name: bool tensor}`` (``True`` = kept).
 
     The names are the model's parameter names (``"model.layers.0.mlp.up_proj.weight"``), the shapes those of the
@@ -215,9 +255,10 @@ def load_masks(save_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     from safetensors import safe_open
 
-    path = Path(save_dir) / MASKS_NAME
-    if not path.is_file():
-        raise InvalidArgumentError(f"save_dir={str(save_dir)!r} has no {MASKS_NAME}; save with save_masks=True")
+    try:
+        path = saved_file(save_dir, MASKS_NAME, revision=revision, token=token)
+    except InvalidArgumentError as err:
+        raise InvalidArgumentError(f"{err} (masks are saved with save_masks=True)") from None
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != _MASK_FORMAT:

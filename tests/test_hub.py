@@ -156,3 +156,45 @@ def test_bad_push_arguments_fail_before_any_request(hub, pruned):
     with pytest.raises(ValueError, match="private='yes'"):
         pruned.push_to_hub("org/x", private="yes", token=TOKEN)
     assert len(hub.state.log) == requests
+
+
+_FRESH_PROCESS = """
+import json, sys
+from optimum_admm.export import load_masks, load_pruning_config
+from optimum_admm.training import SparsityPreservingCallback
+repo = sys.argv[1]
+config = load_pruning_config(repo)
+masks = load_masks(repo)
+callback = SparsityPreservingCallback.from_saved(repo)
+print(json.dumps({"config": config.to_dict(), "masks": {k: int(v.sum()) for k, v in masks.items()},
+                  "callback": len(callback.masks)}))
+"""
+
+
+def test_saved_metadata_loads_from_a_repo_id_in_a_fresh_process(hub, pruned, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import online_environment
+
+    from optimum_admm.export import load_masks
+
+    pruned.push_to_hub("org/with-masks", token=TOKEN, save_masks=True)
+    env = {**online_environment(), "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(tmp_path / "fresh-home")}  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, "org/with-masks"], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["config"]["sparsity"] == 0.5 and loaded["config"]["method"] == "admm"
+    assert loaded["callback"] == len(loaded["masks"]) > 0
+    pruned.save_pretrained(tmp_path / "local", save_masks=True)
+    local = load_masks(tmp_path / "local")
+    assert loaded["masks"] == {k: int(v.sum()) for k, v in local.items()}
+    assert os.environ.get("HF_TOKEN") != TOKEN  # the token stayed in the child's environment
+    with pytest.raises(ValueError, match=r"repo 'org/with-masks' has no nothing\.json"):
+        from optimum_admm.export import saved_file
+
+        saved_file("org/with-masks", "nothing.json", token=TOKEN)

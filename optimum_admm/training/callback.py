@@ -61,8 +61,11 @@ class SparsityPreservingCallback(TrainerCallback):
         self._mask_grads: bool | None = None
 
     @classmethod
-    def from_saved(cls, directory: str | os.PathLike) -> SparsityPreservingCallback:
-        """A callback holding the masks saved with a pruned model (``masks.safetensors``, from ``save_masks=True``).
+    def from_saved(
+        cls, directory: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+    ) -> SparsityPreservingCallback:
+        """A callback holding the masks saved with a pruned model (``masks.safetensors``, from ``save_masks=True``),
+        from a local directory or a Hub repo id.
 
         Raises:
             ImportError: this version of optimum-admm cannot read saved masks (no ``optimum_admm.export.load_masks``).
@@ -78,7 +81,7 @@ class SparsityPreservingCallback(TrainerCallback):
                 "optimum_admm.export.load_masks is not available in this version; use SparsityPreservingCallback() "
                 "to take the masks from the model's exact zeros"
             )
-        return cls(masks=load_masks(directory))
+        return cls(masks=load_masks(directory, revision=revision, token=token))
 
     @property
     def masks(self) -> Masks | None:
