@@ -180,6 +180,7 @@ def perplexity(
     max_tokens: int | None = None,
     add_bos: bool | None = None,
     batch_size: int = 1,
+    show_progress: bool = True,
 ) -> PerplexityResult:
     """Compute a causal LM's perplexity on a text, in windows of ``sequence_length`` tokens.
 
@@ -195,6 +196,8 @@ def perplexity(
         add_bos: Prepend the tokenizer's BOS token to every window. Default: when the tokenizer has one and
             either adds it itself (``add_bos_token``) or the model is a Gemma (which needs it).
         batch_size: Windows per forward pass.
+        show_progress: Show a progress bar over the windows (the global switches, such as
+            ``transformers.utils.logging.disable_progress_bar()``, also silence it).
 
     Returns:
         A :class:`PerplexityResult`.
@@ -223,18 +226,24 @@ def perplexity(
     if len(ids) < (1 if add_bos else 2):
         raise InvalidArgumentError(f"dataset holds {len(ids)} token(s): too few to score")
     windows = plan_windows(len(ids), content_length, stride or content_length, add_bos)
-    total_nll, total_tokens = _score(model, tokenizer, ids, windows, add_bos, batch_size)
+    total_nll, total_tokens = _score(model, tokenizer, ids, windows, add_bos, batch_size, show_progress)
     nll = total_nll / total_tokens
     logger.info("Perplexity %.3f over %d tokens in %d windows", math.exp(nll), total_tokens, len(windows))
     return PerplexityResult(math.exp(nll), nll, total_tokens, sequence_length, len(windows))
 
 
 def _score(
-    model: Any, tokenizer: Any, ids: list[int], windows: list[tuple[int, int, int]], add_bos: bool, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    ids: list[int],
+    windows: list[tuple[int, int, int]],
+    add_bos: bool,
+    batch_size: int,
+    show_progress: bool = True,
 ) -> tuple[float, int]:
     """Run the windows through the model in batches of equal shape; return (summed NLL, scored tokens)."""
     import torch
-    from tqdm.auto import tqdm
+    from huggingface_hub.utils import tqdm  # honours the global progress-bar switches
 
     from .stores import input_device
 
@@ -253,7 +262,8 @@ def _score(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(windows), desc="perplexity", unit="window", leave=False) as progress:
+        bar = tqdm(total=len(windows), desc="perplexity", unit="window", leave=False, disable=not show_progress)
+        with torch.no_grad(), bar as progress:
             for group in groups:
                 rows = [prefix + ids[begin:end] for begin, end, _ in group]
                 num_scored = group[0][1] - group[0][2]

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils import tqdm  # honours the global switches (HF_HUB_DISABLE_PROGRESS_BARS, transformers')
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import resume
 from .activations import Storage, check_activation_storage, resolve_storage, stash
@@ -72,6 +73,7 @@ class _Run:
     unpruned: list[str] = field(default_factory=list)
     dist: Distributed = field(default_factory=Distributed)
     num_samples: int = 0  # calibration samples over all ranks
+    show_progress: bool = False
     #: the targeted linears of every block, by full name
     layers: dict[str, nn.Module] = field(default_factory=dict)
 
@@ -333,7 +335,8 @@ def _solve_stage(run: _Run, names: list[str], accumulators: dict[str, StatisticA
              for n in names}  # fmt: skip
     owners = assign_layers(costs, run.dist.world_size)
     rows: dict[str, LayerReport | None] = {}
-    for name in names:
+    layer_bar = tqdm(names, desc="layers", unit="layer", leave=False, disable=not run.show_progress)
+    for name in layer_bar:  # inside a block too: a large model's block takes minutes
         # The dict holds the only references: a group's statistic is freed once its last layer is pruned.
         accumulator = accumulators.pop(name)
         if accumulator.num_tokens == 0:  # summed over the ranks: every rank skips the same layers
@@ -496,11 +499,13 @@ def prune_model(
             if first:
                 _restore(run, first, inputs)
             blocks = range(first, len(run.blocks))
-            shown = show_progress and run.dist.is_main
-            bar = tqdm(blocks, desc=f"Pruning ({config.method})", unit="block", disable=not shown)
-            for index in bar:
-                _process_block(run, index, inputs)
-                _progress(run, index, bar)
+            run.show_progress = show_progress and run.dist.is_main
+            bar = tqdm(blocks, desc=f"Pruning ({config.method})", unit="block", disable=not run.show_progress)
+            # log lines above the bar, never glued onto it (handlers on the root logger or on this package's)
+            with logging_redirect_tqdm(loggers=[logging.root, logging.getLogger(__package__)]):
+                for index in bar:
+                    _process_block(run, index, inputs)
+                    _progress(run, index, bar)
     finally:
         model.train(was_training)
     if run.unpruned:

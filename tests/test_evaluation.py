@@ -219,3 +219,62 @@ def test_perplexity_of_a_disk_offloaded_model_equals_in_memory(tmp_path, tokeniz
     result = perplexity(offloaded, tokenizer, [corpus_text], sequence_length=64, max_tokens=512)
     assert result.num_tokens == expected.num_tokens
     assert abs(result.perplexity - expected.perplexity) < 1e-4 * expected.perplexity
+
+
+@pytest.mark.parametrize("switch", ["transformers", "environment"])
+def test_the_global_progress_bar_switches_silence_every_bar(switch, tokenizer, corpus_text, monkeypatch, capsys):
+    from conftest import build_tiny_model
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from optimum_admm import ADMMConfig, ADMMPruner
+
+    if switch == "transformers":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+        disable_progress_bars()  # what the variable does when huggingface_hub is imported
+    try:
+        assert are_progress_bars_disabled()
+        model = build_tiny_model("llama")
+        pruner = ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=ADMMConfig(num_samples=2,
+                                                                                          sequence_length=16))  # fmt: skip
+        pruner.prune([corpus_text])  # show_progress left at its default
+        perplexity(model, tokenizer, [corpus_text[:2000]], sequence_length=32)
+        err = capsys.readouterr().err
+        assert "Pruning (admm)" not in err and "perplexity" not in err
+    finally:
+        enable_progress_bars()
+        if switch == "transformers":
+            hf_logging.enable_progress_bar()
+    pruner.prune([corpus_text])
+    assert "Pruning (admm)" in capsys.readouterr().err  # and they show again once switched back on
+
+
+def test_log_lines_are_never_glued_onto_the_progress_bar(tokenizer, corpus_text, capsys):
+    import logging
+    import sys
+
+    from conftest import build_tiny_model
+
+    from optimum_admm import ADMMConfig, ADMMPruner
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("LOG %(message)s"))
+    logger = logging.getLogger("optimum_admm")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        model = build_tiny_model("llama")
+        config = ADMMConfig(num_samples=2, sequence_length=16)
+        ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=config).prune([corpus_text], show_progress=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    lines = [line for line in capsys.readouterr().err.split("\n") if "LOG block 0: mean relative error" in line]
+    assert lines, "the driver logs each block"
+    assert all(line.split("\r")[-1].startswith("LOG block 0") for line in lines), lines  # not after the bar's text
