@@ -570,3 +570,41 @@ def test_large_model_bad_arguments_exit_2_before_loading(args, message, dense_di
     assert message in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+
+
+def test_cli_reproduces_a_python_device_map_run_with_json_and_an_offload_folder(dense_dir, tmp_path):
+    from safetensors.torch import load_file
+    from test_offload import _device_map
+
+    from optimum_admm import ADMMConfig, ADMMPruner
+    from optimum_admm.commands import main
+
+    mapping = _device_map(build_tiny_model("llama"), offloaded={1})
+    assert "disk" in mapping.values()
+    config = ADMMConfig(num_samples=4, sequence_length=32)
+    pruner = ADMMPruner.from_pretrained(str(dense_dir / "dense"), config=config, device_map=mapping,
+                                        offload_folder=str(tmp_path / "offload-python"))  # fmt: skip
+    assert next(pruner.model.model.layers[1].parameters()).is_meta  # really offloaded
+    pruner.prune(str(dense_dir / "calib.txt"), save_dir=tmp_path / "python", show_progress=False)
+    main(["prune", "--model", str(dense_dir / "dense"), "--dataset", str(dense_dir / "calib.txt"), "--num-samples",
+          "4", "--sequence-length", "32", "--no-progress", "--output", str(tmp_path / "cli"), "--device-map",
+          json.dumps(mapping), "--offload-folder", str(tmp_path / "offload-cli")])  # fmt: skip
+    python, cli = (
+        load_file(str(tmp_path / "python" / "model.safetensors")),
+        load_file(str(tmp_path / "cli" / "model.safetensors")),
+    )
+    assert python.keys() == cli.keys() and all(torch.equal(python[k], cli[k]) for k in python)
+    assert (
+        int((cli["model.layers.1.mlp.up_proj.weight"] == 0).sum())
+        == cli["model.layers.1.mlp.up_proj.weight"].numel() // 2
+    )
+
+
+def test_cli_refuses_a_device_map_that_is_not_json(dense_dir, tmp_path, capsys):
+    from optimum_admm.commands import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--model", str(dense_dir / "dense"), "--output", str(tmp_path / "o"), "--device-map", "{oops"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device-map: '{oops' is not valid JSON" in err and "Traceback" not in err

@@ -93,3 +93,19 @@ def _positive_float(text: str) -> float:
     if not value > 0.0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: a finite number > 0")
     return value
+
+
+def _device_map(text: str) -> Any:
+    """``--device-map``: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential``, a device (``cpu``, ``cuda:0``) or
+    accelerate's mapping as JSON (``'{"model.embed_tokens": "cpu", "model.layers.0": "disk", ...}'``)."""
+    import json
+
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({err})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: a JSON object {{module name: device}}")
+    return mapping

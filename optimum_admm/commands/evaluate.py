@@ -11,6 +11,7 @@ from ._arguments import (
     _NAMED_DATASETS,
     _dataset,
     _dataset_key,
+    _device_map,
     _positive_int,
     _texts,
 )
@@ -37,7 +38,15 @@ class EvaluateCommand(GuardedCommand):
         parser.add_argument("--sequence-length", type=_positive_int, default=2048, help="Window length (2048).")
         parser.add_argument("--max-tokens", type=_positive_int, default=None, help="Evaluate the first N tokens.")
         parser.add_argument("--batch-size", type=_positive_int, default=1, help="Windows per forward pass (1).")
-        parser.add_argument("--device-map", default=None, help="Passed to from_pretrained ('auto', 'cpu', ...).")
+        parser.add_argument(
+            "--device-map",
+            type=_device_map,
+            default=None,
+            help="accelerate device map: 'auto', 'balanced', 'cpu', 'cuda:0' or a JSON object {module: device}.",
+        )
+        parser.add_argument(
+            "--offload-folder", default=None, help="Where a device map's 'disk' modules are offloaded."
+        )
         parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
 
     def execute(self) -> None:
@@ -54,7 +63,11 @@ class EvaluateCommand(GuardedCommand):
         with explained_load_errors(args.model, "--model"):
             tokenizer = AutoTokenizer.from_pretrained(args.model)
             model = AutoModelForCausalLM.from_pretrained(
-                args.model, dtype="auto", device_map=args.device_map, use_safetensors=True
+                args.model,
+                dtype="auto",
+                device_map=args.device_map,
+                use_safetensors=True,
+                **({"offload_folder": args.offload_folder} if args.offload_folder is not None else {}),
             ).eval()
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         sequence_length = min(args.sequence_length, limit) if isinstance(limit, int) else args.sequence_length

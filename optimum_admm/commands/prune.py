@@ -12,6 +12,7 @@ from optimum.commands.base import CommandInfo
 from ._arguments import (
     _dataset,
     _dataset_key,
+    _device_map,
     _existing_file,
     _fail,
     _pattern,
@@ -41,7 +42,8 @@ class PruneCommand(GuardedCommand):
             default=None,
             choices=_RegisteredMethods(),
             metavar="METHOD",
-            help="A pruning method registered in optimum_admm.registry (default: admm, or the --recipe's).",
+            help="admm (default, or the --recipe's), sparsegpt, wanda, magnitude, or any method registered in "
+            "optimum_admm.registry.",
         )
         parser.add_argument("--sparsity", type=_sparsity, default=None, help="Fraction of zeros, in [0, 1).")
         parser.add_argument(
@@ -79,7 +81,15 @@ class PruneCommand(GuardedCommand):
         parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Also push to this Hub repo.")
         parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
         parser.add_argument("--revision", default=None, help="Branch of the Hub repo to push to (default: main).")
-        parser.add_argument("--device-map", default=None, help="Passed to from_pretrained ('auto', 'cpu', ...).")
+        parser.add_argument(
+            "--device-map",
+            type=_device_map,
+            default=None,
+            help="accelerate device map: 'auto', 'balanced', 'cpu', 'cuda:0' or a JSON object {module: device}.",
+        )
+        parser.add_argument(
+            "--offload-folder", default=None, help="Where a device map's 'disk' modules are offloaded."
+        )
         parser.add_argument(
             "--dtype",
             "--torch-dtype",
@@ -257,6 +267,7 @@ class PruneCommand(GuardedCommand):
             torch_dtype=_torch_dtype(args.torch_dtype),
             device_map=args.device_map,
             trust_remote_code=args.trust_remote_code,
+            **({"offload_folder": args.offload_folder} if args.offload_folder is not None else {}),
         )
         check_writable_directory(args.output, "--output", _model_bytes(pruner.model))  # now with the real size
         from ..distributed import current
@@ -342,6 +353,7 @@ class PruneCommand(GuardedCommand):
             return max_memory
         excluded = {
             "--device-map": args.device_map is not None,
+            "--offload-folder": args.offload_folder is not None,
             "--torch-dtype": args.torch_dtype != "auto",
             "--save-masks": args.save_masks,
             "--max-shard-size": args.max_shard_size != "5GB",
