@@ -168,7 +168,9 @@ def _layers_section(layers: dict[str, dict[str, Any]]) -> str:
     return text + "\n".join(rows)
 
 
-def _body(metadata: dict[str, Any], base_model: str | None, model_name: str, repo_id: str | None) -> str:
+def _body(
+    metadata: dict[str, Any], base_model: str | None, model_name: str, repo_id: str | None, location: str | None = None
+) -> str:
     config = metadata["config"]
     method = metadata["method"]
     pattern = config.get("mask_structure", "unstructured")
@@ -213,8 +215,8 @@ def _body(metadata: dict[str, Any], base_model: str | None, model_name: str, rep
         ),
         "## Usage",
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or model_name}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or model_name}")\n```',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or location or model_name}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or location or model_name}")\n```',
         "## Reproduce",
         f"```bash\n{reproduce_command(metadata, base_model, output=model_name)}\n```"
         + (f"\n\n{dataset_note}" if dataset_note else ""),
@@ -232,6 +234,7 @@ def build_model_card(
     license: str | None = None,
     model_name: str | None = None,
     repo_id: str | None = None,
+    location: str | None = None,
 ) -> ModelCard:
     """Build the model card of a pruned model from its ``pruning_config.json`` content.
 
@@ -242,6 +245,7 @@ def build_model_card(
         license: the license (default: the base model's, when its card is available locally or in the HF cache).
         model_name: the card title and ``model-index`` name (default: derived from the base model and the recipe).
         repo_id: where the model will live, for the usage snippet.
+        location: the local directory it is saved to, for the usage snippet when there is no ``repo_id``.
 
     Returns:
         A ``huggingface_hub.ModelCard`` (``card.save(path)``, ``str(card)``).
@@ -279,5 +283,5 @@ def build_model_card(
         tags=["pruned", "sparse", method, pattern, "optimum-admm"],
         eval_results=_eval_results(evaluation) or None,
     )
-    content = f"---\n{data.to_yaml()}\n---\n\n{_body(metadata, base_model, model_name, repo_id)}"
+    content = f"---\n{data.to_yaml()}\n---\n\n{_body(metadata, base_model, model_name, repo_id, location)}"
     return ModelCard(content)

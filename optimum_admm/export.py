@@ -381,7 +381,14 @@ def save_pruned(
     for name, value in (("base_model", base_model), ("license", license), ("repo_id", repo_id)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise InvalidArgumentError(f"{name}={value!r} is invalid; allowed: a non-empty string or None")
-    card_kwargs = {"base_model": base_model, "license": license, "repo_id": repo_id} if model_card else None
+    card_kwargs = None
+    if model_card:  # the usage snippet names the repo, else the directory as the caller gave it
+        card_kwargs = {
+            "base_model": base_model,
+            "license": license,
+            "repo_id": repo_id,
+            "location": os.fspath(save_dir),
+        }
 
     with staged_directory(target) as staging:
         _write_contents(

@@ -477,7 +477,9 @@ def prune_checkpoint(
     with timer.phase("load"):
         model, checkpoint = _skeleton(source, checkpoint_weight_map(source))
     batches, calibration = _calibration_batches(model, source, config, calibration_dataset, tokenizer)
-    card = {"base_model": base_model, "license": license, "repo_id": repo_id} if model_card else None
+    card = None
+    if model_card:
+        card = {"base_model": base_model, "license": license, "repo_id": repo_id, "location": os.fspath(save_dir)}
     group = current_group()  # with several ranks, rank 0 writes the output and the others only compute
     with staged_directory(target) if group.is_main else contextlib.nullcontext() as staging:
         store = CheckpointStore(model, checkpoint, staging, torch.device(execution_device), timer)

@@ -160,3 +160,11 @@ def test_staging_left_by_a_dead_process_of_this_host_is_removed(tmp_path):
     assert not dead.exists()
     assert alive.exists() and other_host.exists() and unrelated.exists() and backup.exists()
     assert (target / "config.json").is_file()
+
+
+def test_a_local_save_card_names_its_own_directory_in_the_usage_snippet(pruned, tmp_path):
+    target = tmp_path / "tiny-admm-50"
+    pruned.save_pretrained(target)
+    card = (target / "README.md").read_text()
+    assert f'from_pretrained("{target}")' in card
+    assert 'from_pretrained("model-admm-unstructured-50")' not in card
