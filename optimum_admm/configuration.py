@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .errors import InvalidArgumentError
 from .version import __version__
 
 UNSTRUCTURED = "unstructured"
+#: The recipe's file name in a saved model or recipe directory (the pruning sidecar).
+RECIPE_FILE = "pruning_config.json"
 _NM_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
 
 #: ``{method name: config class}``, filled by :func:`optimum_admm.registry.register_method` (one class per name).
@@ -214,6 +217,75 @@ class PruningConfig:
         """The recipe as a JSON-serialisable dict, stamped with the method and the library version."""
         data = {"method": self.method, **dataclasses.asdict(self), "optimum_admm_version": __version__}
         return data
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the recipe as ``pruning_config.json`` in ``save_directory`` (created if missing), as PEFT configs do.
+
+        The file has the sidecar's layout (``method`` and ``config``), so :meth:`from_pretrained`,
+        :func:`optimum_admm.export.load_pruning_config` and ``optimum-cli admm prune --recipe`` all read it.
+
+        Example:
+            >>> import tempfile
+            >>> path = ADMMConfig(sparsity=0.6).save_pretrained(tempfile.mkdtemp())
+            >>> PruningConfig.from_pretrained(path.parent).sparsity
+            0.6
+        """
+        from .files import atomic_write
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"format_version": 1, "method": self.method, "config": self.to_dict()}
+        text = json.dumps(payload, indent=2) + "\n"
+        return atomic_write(directory / RECIPE_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+    ) -> PruningConfig:
+        """The recipe in ``pruning_config.json`` of a local directory or a Hub repo (a pruned model's sidecar or a
+        saved recipe). Called on a subclass, only that method's recipes load.
+
+        Example:
+            >>> ADMMConfig.from_pretrained("me/smollm2-admm-60")  # doctest: +SKIP
+            ADMMConfig(sparsity=0.6, ...)
+        """
+        from .hub_files import saved_file
+
+        path = saved_file(name_or_path, RECIPE_FILE, revision=revision, token=token)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls.from_dict(data.get("config", data) if isinstance(data, dict) else data)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | bool | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload the recipe as ``pruning_config.json`` to ``repo_id`` (created if missing) in one commit.
+
+        Example:
+            >>> ADMMConfig(sparsity=0.6).push_to_hub("me/admm-recipes")  # doctest: +SKIP
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="optimum-admm-recipe-") as scratch:
+            path = self.save_pretrained(scratch)
+            return api.upload_file(
+                path_or_fileobj=str(path),
+                path_in_repo=RECIPE_FILE,
+                repo_id=repo_id,
+                revision=revision,
+                commit_message=commit_message or f"Upload {self.method} pruning recipe",
+                create_pr=create_pr,
+            )
 
     def to_json_file(self, path: str | Path) -> None:
         """Write :meth:`to_dict` to ``path`` as indented JSON."""

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .configuration import PruningConfig
+from .configuration import RECIPE_FILE, PruningConfig
 from .errors import InvalidArgumentError
 from .files import staged_directory
+from .hub_files import saved_file
 from .reporting import PruningReport
 from .version import __version__
 
@@ -49,7 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRUNING_CONFIG_NAME = "pruning_config.json"
+PRUNING_CONFIG_NAME = RECIPE_FILE
 MASKS_NAME = "masks.safetensors"
 #: Version of the ``pruning_config.json`` layout (bumped when keys change meaning).
 FORMAT_VERSION = 1
@@ -160,41 +161,6 @@ def pruning_metadata(
         data["masks"] = {"file": masks_file, "format": _MASK_FORMAT}
     data["versions"] = _versions()
     return data
-
-
-def saved_file(
-    save_dir: str | os.PathLike, filename: str, *, revision: str | None = None, token: str | bool | None = None
-) -> Path:
-    """``filename`` of a saved pruned model: in a local directory, or downloaded (and cached) from a Hub repo id.
-
-    Raises:
-        InvalidArgumentError: the directory or repo has no such file (naming both).
-
-    Example:
-        >>> saved_file("smollm2-admm-60", "pruning_config.json")  # doctest: +SKIP
-        PosixPath('smollm2-admm-60/pruning_config.json')
-    """
-    local = Path(save_dir)
-    if local.is_dir():
-        path = local / filename
-        if not path.is_file():
-            raise InvalidArgumentError(f"save_dir={str(save_dir)!r} has no {filename}")
-        return path
-    from huggingface_hub import errors as hub
-    from huggingface_hub import hf_hub_download
-
-    from .loading import looks_like_a_path
-
-    if looks_like_a_path(str(save_dir)):
-        raise InvalidArgumentError(f"save_dir={str(save_dir)!r} does not exist (a local path: the Hub was not asked)")
-    try:
-        return Path(hf_hub_download(str(save_dir), filename, revision=revision, token=token))
-    except hub.EntryNotFoundError:
-        raise InvalidArgumentError(f"repo {str(save_dir)!r} has no {filename}") from None
-    except (hub.RepositoryNotFoundError, hub.RevisionNotFoundError, hub.LocalEntryNotFoundError) as err:
-        raise InvalidArgumentError(
-            f"save_dir={str(save_dir)!r} is neither a local directory nor a readable Hub repo ({type(err).__name__})"
-        ) from None
 
 
 def read_pruning_metadata(

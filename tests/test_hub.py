@@ -198,3 +198,18 @@ def test_saved_metadata_loads_from_a_repo_id_in_a_fresh_process(hub, pruned, tmp
         from optimum_admm.export import saved_file
 
         saved_file("org/with-masks", "nothing.json", token=TOKEN)
+
+
+def test_configs_save_load_and_push_like_peft_configs(hub, pruned, tmp_path):
+    from optimum_admm import PruningConfig, WandaConfig
+
+    config = WandaConfig(sparsity=0.6, mask_structure="unstructured", seed=3)
+    path = config.save_pretrained(tmp_path / "recipe")
+    assert path.name == "pruning_config.json"
+    assert WandaConfig.from_pretrained(tmp_path / "recipe") == config
+    config.push_to_hub("org/recipes", token=TOKEN)
+    assert PruningConfig.from_pretrained("org/recipes", token=TOKEN) == config
+    pruned.push_to_hub("org/pruned-model", token=TOKEN)  # a pruned model's sidecar holds its recipe too
+    assert ADMMConfig.from_pretrained("org/pruned-model", token=TOKEN) == pruned.config
+    with pytest.raises(ValueError, match="method='admm' is invalid for WandaConfig"):
+        WandaConfig.from_pretrained("org/pruned-model", token=TOKEN)
