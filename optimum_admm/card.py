@@ -35,8 +35,28 @@ def _is_hub_id(name: Any) -> bool:
     return isinstance(name, str) and bool(_HUB_ID.match(name)) and not Path(name).exists()
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _fetched_card(repo_id: str) -> list[Path]:
+    """The base model's card downloaded from the Hub (one quick request; nothing when it fails)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:  # one request without retries first: without a network the save must not wait for the download's backoff
+        info = HfApi().model_info(repo_id, timeout=5)
+        if "README.md" not in {sibling.rfilename for sibling in info.siblings or []}:
+            return []
+        return [Path(hf_hub_download(repo_id, "README.md", etag_timeout=5))]
+    except Exception as err:  # no network, no card, a gated repo: the card just has no license field
+        logger.debug("could not fetch the model card of %s: %s", repo_id, err)
+        return []
+
+
 def _base_license(base_model: str | None, name_or_path: str | None) -> str | None:
-    """The base model's license when it can be known without the network: a local card, or one in the HF cache."""
+    """The base model's license: from a local card, the HF cache, or (online) the base model's card on the Hub."""
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
     candidates: list[Path] = []
@@ -49,6 +69,8 @@ def _base_license(base_model: str | None, name_or_path: str | None) -> str | Non
             cached = None
         if isinstance(cached, (str, os.PathLike)):
             candidates.append(Path(cached))
+        elif not _offline():
+            candidates.extend(_fetched_card(base_model))
     for path in candidates:
         try:
             license_ = ModelCard.load(path).data.license

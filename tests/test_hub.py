@@ -213,3 +213,19 @@ def test_configs_save_load_and_push_like_peft_configs(hub, pruned, tmp_path):
     assert ADMMConfig.from_pretrained("org/pruned-model", token=TOKEN) == pruned.config
     with pytest.raises(ValueError, match="method='admm' is invalid for WandaConfig"):
         WandaConfig.from_pretrained("org/pruned-model", token=TOKEN)
+
+
+def test_a_pruned_card_inherits_the_license_of_the_base_models_hub_card(hub, tokenizer, corpus_text, tmp_path):
+    from huggingface_hub import HfApi, ModelCard
+
+    api = HfApi(token=TOKEN)
+    api.create_repo("org/dense-base", exist_ok=True)
+    api.upload_file(path_or_fileobj=b"---\nlicense: apache-2.0\n---\n# A dense base model\n", path_in_repo="README.md",
+                    repo_id="org/dense-base")  # fmt: skip
+    pruner = ADMMPruner.from_pretrained(
+        build_tiny_model("llama"), tokenizer=tokenizer, config=ADMMConfig(sparsity=0.5, **FAST)
+    )
+    pruner.prune(calibration_dataset=[corpus_text], show_progress=False)
+    pruner.save_pretrained(tmp_path / "out", base_model="org/dense-base")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.base_model == "org/dense-base"
