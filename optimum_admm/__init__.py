@@ -28,11 +28,14 @@ _EXPORTS = {
     "load_masks": "export",
     "load_pruning_config": "export",
     "perplexity": "evaluation",
+    "inspect": "inspection",
+    "InspectionReport": "inspection",
 }
 
 __all__ = [
     "ADMMConfig",
     "ADMMPruner",
+    "InspectionReport",
     "LayerReport",
     "MagnitudeConfig",
     "PruningConfig",
@@ -40,6 +43,7 @@ __all__ = [
     "SparseGPTConfig",
     "WandaConfig",
     "__version__",
+    "inspect",
     "load_masks",
     "load_pruning_config",
     "perplexity",
@@ -50,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .configuration import ADMMConfig, MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
     from .evaluation import perplexity
     from .export import load_masks, load_pruning_config
+    from .inspection import InspectionReport, inspect
     from .pruner import ADMMPruner
     from .registry import register_method
     from .reporting import LayerReport, PruningReport

@@ -228,6 +228,11 @@ class ADMMPruner(OptimumQuantizer):
         )
         report.calibration = calibration
         self.report = report
+        model_config = getattr(self.model, "config", None)
+        if model_config is not None:  # config.json says the model is pruned, through every later save_pretrained
+            from .inspection import config_section
+
+            model_config.pruning = config_section(config.method, report.sparsity, config.mask_structure)
         logger.info("pruned: sparsity %.4f over %d layers", report.sparsity, len(report.layers))
         if save_dir is not None:
             from .distributed import current

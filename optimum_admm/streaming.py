@@ -42,6 +42,7 @@ from .distributed import current as current_group
 from .errors import InvalidArgumentError
 from .export import check_save_dir, write_pruning_files
 from .files import staged_directory
+from .inspection import config_section
 from .memory import MaxMemory, release_freed_host_memory
 from .registry import get_spec
 from .reporting import PhaseTimer, PruningReport
@@ -397,6 +398,15 @@ class CheckpointStore(WeightStore):
                     shutil.copy2(self.checkpoint.directory / name, self.staging / name)
         return [first, *shards]
 
+    def mark_pruned(self, section: dict[str, Any]) -> None:
+        """Add the ``pruning`` section to the staged ``config.json`` (what ``prune()`` sets on a loaded model)."""
+        if self.staging is None:
+            return
+        path = self.staging / "config.json"
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["pruning"] = section
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
 
 def _calibration_batches(model, source: Path, config: PruningConfig, dataset, tokenizer):
     """The calibration windows (one batch each) and their description for the report; ``(None, {})`` without."""
@@ -496,6 +506,7 @@ def prune_checkpoint(
         )
         report.calibration = calibration
         shards, evaluation = store.finish(), None
+        store.mark_pruned(config_section(config.method, report.sparsity, config.mask_structure))
         if staging is not None:
             evaluation = evaluate(staging) if evaluate is not None else None
             with timer.phase("write"):

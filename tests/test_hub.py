@@ -229,3 +229,26 @@ def test_a_pruned_card_inherits_the_license_of_the_base_models_hub_card(hub, tok
     pruner.save_pretrained(tmp_path / "out", base_model="org/dense-base")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.license == "apache-2.0" and card.data.base_model == "org/dense-base"
+
+
+def test_inspect_reports_a_pruned_model_loaded_saved_pushed_and_a_dense_one(hub, pruned, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from optimum_admm import inspect
+
+    assert pruned.model.config.pruning["method"] == "admm"
+    pruned.save_pretrained(tmp_path / "saved")
+    assert AutoConfig.from_pretrained(tmp_path / "saved").pruning["sparsity"] == pytest.approx(0.5)  # kept as is
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    reloaded.save_pretrained(tmp_path / "resaved")  # plain transformers writes the section back
+    pruned.push_to_hub("org/inspected", token=TOKEN)
+    for source in (pruned.model, tmp_path / "saved", tmp_path / "resaved", "org/inspected"):
+        report = inspect(source, token=TOKEN) if isinstance(source, str) else inspect(source)
+        assert report.pruned and report.method == "admm", source
+        assert report.sparsity_by_kind["attention"] == pytest.approx(0.5, abs=0.01), source
+        assert report.sparsity_by_kind["mlp"] == pytest.approx(0.5, abs=0.01), source
+        assert "pruned with admm" in str(report)
+    assert inspect("org/inspected", token=TOKEN).source == "recorded"
+    assert inspect(tmp_path / "saved").recipe["sparsity"] == 0.5
+    dense = inspect(build_tiny_model("llama"))
+    assert not dense.pruned and dense.method is None and "not pruned" in str(dense)

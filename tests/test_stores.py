@@ -170,7 +170,8 @@ def test_streaming_output_copies_an_allow_list_and_writes_its_own_card(tokenizer
     assert sidecar["evaluation"]["heldout"]["perplexity"] == 12.5  # written before the rename, not patched after
     assert "model.safetensors.index.json" in evaluated[0] and "pruning_config.json" not in evaluated[0]
     assert result.evaluation == {"heldout": 12.5}
-    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.pruning["method"] == "admm" and loaded.config.pruning["sidecar"] == "pruning_config.json"
 
 
 def test_streaming_timings_add_up_with_a_slow_disk(tokenizer, corpus_text, tmp_path, monkeypatch):
