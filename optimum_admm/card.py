@@ -190,6 +190,15 @@ def _layers_section(layers: dict[str, dict[str, Any]]) -> str:
     return text + "\n".join(rows)
 
 
+def _lineage(metadata: dict[str, Any]) -> list[str]:
+    """A line on what happened to the model after pruning (fine-tuning, a LoRA merge), from the sidecar's lineage."""
+    lineage = metadata.get("lineage") or []
+    if len(lineage) < 2:
+        return []
+    stages = " → ".join(str(entry.get("stage", "?")) for entry in lineage)
+    return [f"Lineage: {stages}. The sparsity above is measured on these weights."]
+
+
 def _body(
     metadata: dict[str, Any], base_model: str | None, model_name: str, repo_id: str | None, location: str | None = None
 ) -> str:
@@ -205,6 +214,7 @@ def _body(
         f"# {model_name}",
         f"{base_text} pruned to **{float(sparsity):.1%}** sparsity ({pattern}) with **{method}**, using "
         f"[optimum-admm](https://github.com/optimum-admm/optimum-admm) {config.get('optimum_admm_version', '')}.",
+        *_lineage(metadata),
         "## Method",
         _method_summary(method),
         "## Settings",

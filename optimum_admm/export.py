@@ -159,6 +159,7 @@ def pruning_metadata(
         data["evaluation"] = evaluation
     if masks_file is not None:
         data["masks"] = {"file": masks_file, "format": _MASK_FORMAT}
+    data["lineage"] = [{"stage": "pruned", "method": config.method, "optimum_admm_version": __version__}]
     data["versions"] = _versions()
     return data
 
@@ -247,12 +248,15 @@ def write_pruning_files(
     masks_file: str | None = None,
     card_kwargs: dict[str, Any] | None = None,
     model_config: Any = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``pruning_config.json`` and (with ``card_kwargs``) the model card into a directory being staged.
 
-    The one writer of both files, for every output (:func:`save_pruned`, streaming, the CLI); returns the sidecar.
+    The one writer of both files, for every output (:func:`save_pruned`, streaming, the CLI, and models derived from
+    a pruned one, which pass their ``metadata``: :func:`optimum_admm.lineage.save_derived`); returns the sidecar.
     """
-    metadata = pruning_metadata(config, report, evaluation_results, masks_file)
+    if metadata is None:
+        metadata = pruning_metadata(config, report, evaluation_results, masks_file)
     (staging / PRUNING_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     if card_kwargs is not None:
         from .card import build_model_card

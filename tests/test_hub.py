@@ -8,6 +8,7 @@ subprocess. Xet is disabled, so weights take the LFS path (batch, upload, verify
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,47 @@ def test_inspect_reports_a_pruned_model_loaded_saved_pushed_and_a_dense_one(hub,
     assert inspect(tmp_path / "saved").recipe["sparsity"] == 0.5
     dense = inspect(build_tiny_model("llama"))
     assert not dense.pruned and dense.method is None and "not pruned" in str(dense)
+
+
+def test_a_fine_tuned_copy_keeps_its_sidecar_with_lineage_and_a_valid_card(hub, tokenizer, corpus_text, tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard, hf_hub_download
+    from transformers import AutoModelForCausalLM
+
+    from optimum_admm.lineage import save_derived
+    from optimum_admm.training import keep_sparse
+
+    pruner = ADMMPruner.from_pretrained(
+        build_tiny_model("llama"), tokenizer=tokenizer, config=ADMMConfig(sparsity=0.5, **FAST)
+    )
+    pruner.prune(calibration_dataset=[corpus_text], show_progress=False)
+    pruner.push_to_hub("org/pruned-base", token=TOKEN)
+    model = AutoModelForCausalLM.from_pretrained(pruner_dir := _saved(pruner, tmp_path)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = tokenizer(corpus_text[:2000], return_tensors="pt")["input_ids"][:, :64]
+    with keep_sparse(model, optimizer=optimizer):
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    folder = save_derived(model, tmp_path / "fine-tuned", stage="fine-tuned", source="org/pruned-base",
+                          tokenizer=tokenizer, save_masks=True, token=TOKEN)  # fmt: skip
+    from optimum_admm.hub import push_folder_to_hub
+
+    push_folder_to_hub(folder, "org/fine-tuned", token=TOKEN)
+    sidecar = json.loads(Path(hf_hub_download("org/fine-tuned", "pruning_config.json", token=TOKEN)).read_text())
+    assert [entry["stage"] for entry in sidecar["lineage"]] == ["pruned", "fine-tuned"]
+    assert sidecar["lineage"][-1]["from"] == "org/pruned-base"
+    assert sidecar["sparsity"] == pytest.approx(0.5, abs=0.01)  # measured on the fine-tuned weights
+    assert sidecar["config"] == pruner.config.to_dict()
+    card = ModelCard.load(hf_hub_download("org/fine-tuned", "README.md", token=TOKEN))
+    assert card.data.model_name and "Lineage: pruned → fine-tuned" in card.text
+    assert f'from_pretrained("{tmp_path / "fine-tuned"}")' in card.text
+    assert pruner_dir.exists()
+
+
+def _saved(pruner, tmp_path):
+    target = tmp_path / "pruned"
+    pruner.save_pretrained(target)
+    return target
