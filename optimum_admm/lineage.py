@@ -116,9 +116,16 @@ def save_derived(
         stage: what was done to it, recorded in the lineage (``"fine-tuned"``, ``"lora-merged"``).
         source: the pruned model it came from (directory or Hub repo id), whose sidecar gives the recipe and lineage;
             default: the ``pruning`` section of ``model.config``.
-        tokenizer, overwrite, save_masks, max_shard_size, evaluation_results, model_card, base_model, repo_id: as for
-            :func:`optimum_admm.export.save_pruned`.
-        revision, token: for a Hub ``source``.
+        tokenizer: the tokenizer to save beside it.
+        overwrite: replace a non-empty ``save_dir``.
+        save_masks: also write ``masks.safetensors`` of the current zeros.
+        max_shard_size: safetensors shard size.
+        evaluation_results: ``{dataset: perplexity}`` measured on this model, for the sidecar and the card.
+        model_card: write a ``README.md`` model card.
+        base_model: Hub id of the dense model, for the card.
+        repo_id: the Hub repo the model is meant for (the card's usage snippet).
+        revision: the revision of a Hub ``source``.
+        token: a Hub token for a Hub ``source``.
 
     Example:
         >>> save_derived(model, "ft", stage="fine-tuned", source="me/smollm2-admm-60")  # doctest: +SKIP
