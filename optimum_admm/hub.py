@@ -86,8 +86,9 @@ def push_folder_to_hub(
     token: str | bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
+    create_pr: bool = False,
 ) -> Any:
-    """Upload a saved pruned model directory to ``repo_id`` in one commit.
+    """Upload a saved pruned model directory to ``repo_id`` in one commit (as a pull request with ``create_pr``).
 
     Args:
         folder: a directory written by ``ADMMPruner.save_pretrained``.
@@ -119,7 +120,7 @@ def push_folder_to_hub(
     api = HfApi(token=token)  # built now, so that it uses the endpoint configured at call time
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None and revision != "main":
+        if revision is not None and revision != "main" and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(
             repo_id=repo_id,
@@ -128,6 +129,7 @@ def push_folder_to_hub(
             revision=revision,
             commit_message=commit_message,
             delete_patterns=_STALE_PATTERNS,
+            create_pr=create_pr,
         )
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)

@@ -50,7 +50,11 @@ def _source_metadata(model: nn.Module, source: str | os.PathLike | None, revisio
             "model is not a pruned model (no pruning section in its config, and no source=...); allowed: a model "
             "pruned by optimum-admm, or source= the directory or repo id of the model it was derived from"
         )
-    recipe = {"method": section["method"], "sparsity": section["sparsity"], "mask_structure": section["mask_structure"]}
+    recipe = {
+        "method": section["method"],
+        "sparsity": section["sparsity"],
+        "mask_structure": section["mask_structure"],
+    }
     config = PruningConfig.from_dict(recipe)
     return {"format_version": 1, "method": config.method, "config": config.to_dict(), "storage": "dense"}
 

@@ -259,8 +259,17 @@ class ADMMPruner(OptimumQuantizer):
         evaluation_results: dict[str, Any] | None = None,
         base_model: str | None = None,
         license: str | None = None,
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs: Any,
     ) -> Path:
         """Save the pruned model atomically: safetensors, tokenizer, ``pruning_config.json`` and a model card.
+
+        As in transformers, ``push_to_hub=True`` also pushes the saved directory to ``repo_id`` (default: the
+        directory's name) in one commit; ``push_kwargs`` are those of :meth:`push_to_hub` (``private``, ``token``,
+        ``revision``, ``commit_message``, ``create_pr``). ``safe_serialization=False`` is refused: optimum-admm
+        writes safetensors only.
 
         The output loads with plain ``AutoModelForCausalLM.from_pretrained(save_dir)``. Storage stays dense (pruned
         weights are exact zeros; no ``quantization_config`` or ``sparsity_config`` is written).
@@ -281,9 +290,23 @@ class ADMMPruner(OptimumQuantizer):
         """
         from .export import save_pruned
 
+        if safe_serialization is not True:
+            raise InvalidArgumentError(
+                f"safe_serialization={safe_serialization!r} is invalid; allowed: True (safetensors only: pickled "
+                "weights can run code when loaded)"
+            )
+        if push_to_hub:
+            from .hub import check_push_arguments, require_token
+
+            repo_id = repo_id or Path(save_dir).name
+            check_push_arguments(repo_id, push_kwargs.get("private"), push_kwargs.get("token"),
+                                 push_kwargs.get("revision"), push_kwargs.get("commit_message"))  # fmt: skip
+            require_token(push_kwargs.get("token"))
+        elif push_kwargs:
+            raise InvalidArgumentError(f"{sorted(push_kwargs)} apply only with push_to_hub=True")
         if evaluation_results is None:
             evaluation_results = getattr(self, "evaluation_results", None)
-        return save_pruned(
+        folder = save_pruned(
             self.model,
             self.tokenizer,
             self.config,
@@ -295,7 +318,13 @@ class ADMMPruner(OptimumQuantizer):
             evaluation_results=evaluation_results,
             base_model=base_model,
             license=license,
+            repo_id=repo_id if push_to_hub else None,
         )
+        if push_to_hub:
+            from .hub import push_folder_to_hub
+
+            push_folder_to_hub(folder, repo_id, **push_kwargs)
+        return folder
 
     def push_to_hub(
         self,
@@ -304,6 +333,7 @@ class ADMMPruner(OptimumQuantizer):
         token: str | bool | None = None,
         revision: str | None = None,
         commit_message: str | None = None,
+        create_pr: bool = False,
         **save_kwargs: Any,
     ) -> Any:
         """Push the weights, ``pruning_config.json`` and the model card to the Hub in one commit.
@@ -317,6 +347,7 @@ class ADMMPruner(OptimumQuantizer):
             token: a Hub token (default: ``HF_TOKEN`` or the stored login). Never logged or written.
             revision: branch to commit to (created if missing); default ``main``.
             commit_message: the commit message.
+            create_pr: open a pull request with the commit instead of committing to the branch.
 
         Returns:
             The ``huggingface_hub.CommitInfo`` of the commit.
@@ -343,5 +374,11 @@ class ADMMPruner(OptimumQuantizer):
                 **save_kwargs,
             )
             return push_folder_to_hub(
-                folder, repo_id, private=private, token=token, revision=revision, commit_message=commit_message
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
             )

@@ -297,3 +297,28 @@ def _saved(pruner, tmp_path):
     target = tmp_path / "pruned"
     pruner.save_pretrained(target)
     return target
+
+
+def test_save_pretrained_pushes_like_transformers_and_refuses_pickles(hub, pruned, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from optimum_admm.errors import InvalidArgumentError
+
+    pruned.save_pretrained(tmp_path / "sparse-model", push_to_hub=True, token=TOKEN, repo_id="org/pushed-on-save")
+    assert "model.safetensors" in hub.state.files("org/pushed-on-save")
+    assert b'from_pretrained("org/pushed-on-save")' in hub.state.files("org/pushed-on-save")["README.md"]
+    with pytest.raises(InvalidArgumentError, match=r"safe_serialization=False is invalid; allowed: True"):
+        pruned.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(InvalidArgumentError, match=r"\['token'\] apply only with push_to_hub=True"):
+        pruned.save_pretrained(tmp_path / "not-pushed", token=TOKEN)
+    assert not (tmp_path / "pickled").exists() and not (tmp_path / "not-pushed").exists()
+    seen = {}
+    real = HfApi.upload_folder
+
+    def record(self, **kwargs):
+        seen.update(kwargs)
+        return real(self, **{**kwargs, "create_pr": False})  # the loopback server has no pull requests
+
+    monkeypatch.setattr(HfApi, "upload_folder", record)
+    pruned.push_to_hub("org/pushed-on-save", token=TOKEN, create_pr=True)
+    assert seen["create_pr"] is True
