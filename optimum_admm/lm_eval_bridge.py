@@ -1,6 +1,6 @@
 """Zero-shot evaluation through EleutherAI's lm-evaluation-harness, on a model already in memory.
 
-``lm-eval`` is optional (``pip install optimum-admm[eval]``) and imported only when called. The model is wrapped with
+``lm-eval`` is optional (``pip install ".[eval]"`` from the clone, or ``pip install 'lm-eval>=0.4.5,<0.5'``) and imported only when called. The model is wrapped with
 ``lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer)``, so a pruned model is evaluated as it is,
 without saving and reloading it.
 """
@@ -57,7 +57,7 @@ def evaluate_tasks(
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as err:  # pragma: no cover - exercised only without lm-eval
-        raise ImportError("evaluate_tasks needs lm-eval: pip install 'optimum-admm[eval]'") from err
+        raise ImportError("evaluate_tasks needs lm-eval: pip install 'lm-eval>=0.4.5,<0.5'") from err
 
     from .stores import input_device
 
