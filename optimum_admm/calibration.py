@@ -86,6 +86,28 @@ class CalibrationSet:
     description: str
 
 
+def load_dataset_texts(
+    name: str, config: str | None = None, split: str = "train", text_column: str = "text", parameter: str = "dataset"
+) -> list[str]:
+    """The texts of any dataset ``datasets.load_dataset`` reads: a Hub dataset id (with its ``config`` and
+    ``split``) or a local directory of data files; ``text_column`` must hold strings.
+
+    Raises:
+        CalibrationDataError: naming ``parameter``, the dataset and what failed (offline mode named).
+    """
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, config, split=split)
+    except Exception as err:  # datasets raises many kinds: one explanation, the flag named
+        raise CalibrationDataError(f"{parameter} {_named_dataset_failure(name, err)}") from None
+    if text_column not in dataset.column_names:
+        raise CalibrationDataError(
+            f"{parameter} {name}: text_column={text_column!r} is not a column; its columns are {dataset.column_names}"
+        )
+    return _texts_from(dataset, text_column)
+
+
 def describe_source(source: CalibrationSource) -> str:
     """A short, loggable description of a calibration source (never its contents)."""
     if isinstance(source, CalibrationSet):

@@ -608,3 +608,26 @@ def test_cli_refuses_a_device_map_that_is_not_json(dense_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--device-map: '{oops' is not valid JSON" in err and "Traceback" not in err
+
+
+def test_prune_calibrates_on_any_dataset_datasets_loads(dense_dir, tmp_path, corpus_text, capsys):
+    from optimum_admm.commands import main
+
+    data = tmp_path / "my-dataset"
+    data.mkdir()
+    paragraphs = [p for p in corpus_text.split("\n\n") if p.strip()]
+    (data / "train.jsonl").write_text(
+        "".join(json.dumps({"body": p, "n": i}) + "\n" for i, p in enumerate(paragraphs))
+    )
+    common = ["prune", "--model", str(dense_dir / "dense"), "--num-samples", "4", "--sequence-length", "32",
+              "--no-progress", "--dataset", str(data), "--dataset-split", "train"]  # fmt: skip
+    main([*common, "--text-column", "body", "--output", str(tmp_path / "out")])
+    sidecar = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
+    assert sidecar["calibration"]["dataset"] == "datasets:my-dataset[train].body"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--text-column", "n", "--output", str(tmp_path / "out2")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "text_column='n' holds a int at row 0" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common[:-4], "--dataset", "missing-calib.txt", "--output", str(tmp_path / "out3")])
+    assert exit_info.value.code == 2 and "'missing-calib.txt' does not exist" in capsys.readouterr().err

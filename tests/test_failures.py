@@ -209,7 +209,7 @@ CLI_CASES = [
         2,
         r"--execution-device: 'warp9' is not a device",
     ),
-    Case("dataset-missing", _prune(dataset="{root}/missing.txt"), 2, r"--dataset: '.*missing\.txt' is neither"),
+    Case("dataset-missing", _prune(dataset="{root}/missing.txt"), 2, r"--dataset: '.*missing\.txt' does not exist"),
     Case("eval-max-tokens-zero", _prune("--eval-max-tokens", "0"), 2, r"--eval-max-tokens: '0' is invalid"),
     # the environment: exit 1, before the model is loaded
     Case(

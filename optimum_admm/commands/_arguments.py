@@ -64,6 +64,24 @@ def _dataset(text: str) -> str:
     )
 
 
+def _calibration_dataset(text: str) -> str:
+    """``--dataset`` of prune: a named dataset, a text file, a directory of data files or a Hub dataset id."""
+    if text in _NAMED_DATASETS or Path(text).exists():
+        return text
+    if Path(text).suffix.lower() in (".txt", ".md", ".json", ".jsonl", ".csv", ".parquet"):
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist (a file name, not a Hub dataset id)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a named dataset ({', '.join(_NAMED_DATASETS)}), an existing file or directory, nor "
+            "a Hub dataset id"
+        ) from None
+    return text
+
+
 def _existing_file(text: str) -> str:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text!r} is not an existing file")

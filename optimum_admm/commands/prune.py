@@ -10,6 +10,7 @@ from typing import Any
 from optimum.commands.base import CommandInfo
 
 from ._arguments import (
+    _calibration_dataset,
     _dataset,
     _dataset_key,
     _device_map,
@@ -51,10 +52,14 @@ class PruneCommand(GuardedCommand):
         )
         parser.add_argument(
             "--dataset",
-            type=_dataset,
+            type=_calibration_dataset,
             default="wikitext2",
-            help="Calibration data: 'wikitext2', 'c4' or a local text file (default: wikitext2).",
+            help="Calibration data: 'wikitext2' (default), 'c4', a local text file, or any dataset datasets.load_dataset "
+            "reads (a Hub dataset id or a directory of data files; see --dataset-config/--dataset-split/--text-column).",
         )
+        parser.add_argument("--dataset-config", default=None, help="The --dataset's configuration (Hub datasets).")
+        parser.add_argument("--dataset-split", default="train", help="The --dataset's split (default: train).")
+        parser.add_argument("--text-column", default="text", help="The --dataset's text column (default: text).")
         parser.add_argument("--num-samples", type=_positive_int, default=None, help="Calibration windows (128).")
         parser.add_argument("--sequence-length", type=_positive_int, default=None, help="Tokens per window (2048).")
         parser.add_argument("--seed", type=int, default=None, help="Seed for the calibration windows (0).")
@@ -224,7 +229,7 @@ class PruneCommand(GuardedCommand):
             _calibration_texts(args.eval_dataset, "--eval-dataset", load_named=False)
         calibration = None
         if config.needs_calibration:
-            calibration = self._calibration_set(config, _calibration_texts(args.dataset, "--dataset"))
+            calibration = self._calibration_set(config, _calibration_texts(args.dataset, "--dataset", args=args))
         if args.streaming:
             self._run_streaming(config, max_memory, calibration)
             return
@@ -235,7 +240,7 @@ class PruneCommand(GuardedCommand):
         too little text is refused here, not after the model is loaded."""
         from transformers import AutoConfig, AutoTokenizer
 
-        from ..calibration import CalibrationSet, describe_source, get_calibration_data, window_length
+        from ..calibration import CalibrationSet, get_calibration_data, window_length
         from ..loading import explained_load_errors
 
         args = self.args
@@ -253,7 +258,7 @@ class PruneCommand(GuardedCommand):
             )
         except CalibrationDataError as err:
             raise CalibrationDataError(f"--dataset {_dataset_key(args.dataset)}: {err}") from None
-        return CalibrationSet(ids, describe_source(args.dataset))
+        return CalibrationSet(ids, _dataset_description(args))
 
     def _run_in_memory(self, config: Any, max_memory: int | str | None, calibration: Any) -> None:
         from ..export import save_pruned
@@ -500,15 +505,19 @@ def _torch_dtype(text: str) -> Any:
     return value
 
 
-def _calibration_texts(dataset: str, flag: str, load_named: bool = True) -> list[str]:
-    """A ``--dataset`` file decoded, or a named dataset loaded (when ``load_named``), before the model is loaded."""
-    from ..calibration import NAMED_DATASETS, load_named_texts, read_text_file
+def _calibration_texts(dataset: str, flag: str, load_named: bool = True, args: Any = None) -> list[str]:
+    """A ``--dataset`` file decoded, or a dataset loaded (when ``load_named``), before the model is loaded."""
+    from ..calibration import NAMED_DATASETS, load_dataset_texts, load_named_texts, read_text_file
 
     if dataset in NAMED_DATASETS:
         return (
             load_named_texts(dataset, "train", num_documents=20000 if dataset == "c4" else None) if load_named else []
         )
-    return [read_text_file(dataset, flag)]
+    if Path(dataset).is_file():
+        return [read_text_file(dataset, flag)]
+    if not load_named:
+        return []
+    return load_dataset_texts(dataset, args.dataset_config, args.dataset_split, args.text_column, parameter=flag)
 
 
 def _checkpoint_bytes(source: Path | None) -> int | None:
@@ -520,3 +529,15 @@ def _checkpoint_bytes(source: Path | None) -> int | None:
 
 def _model_bytes(model: Any) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _dataset_description(args: Any) -> str:
+    """What the report and the card record for ``--dataset``: a named dataset, a file's name, or a datasets id with
+    its configuration, split and column."""
+    from ..calibration import NAMED_DATASETS, describe_source
+
+    if args.dataset in NAMED_DATASETS or Path(args.dataset).is_file():
+        return describe_source(args.dataset)
+    name = Path(args.dataset).name if Path(args.dataset).exists() else args.dataset
+    config = f"/{args.dataset_config}" if args.dataset_config else ""
+    return f"datasets:{name}{config}[{args.dataset_split}].{args.text_column}"
