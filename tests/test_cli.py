@@ -631,3 +631,38 @@ def test_prune_calibrates_on_any_dataset_datasets_loads(dense_dir, tmp_path, cor
     with pytest.raises(SystemExit) as exit_info:
         main([*common[:-4], "--dataset", "missing-calib.txt", "--output", str(tmp_path / "out3")])
     assert exit_info.value.code == 2 and "'missing-calib.txt' does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_reports_against_a_dense_baseline_and_runs_lm_eval_tasks(dense_dir, tmp_path, monkeypatch, capsys):
+    import types
+
+    from optimum_admm.commands import main
+
+    main(["prune", "--model", str(dense_dir / "dense"), "--dataset", str(dense_dir / "calib.txt"), "--num-samples",
+          "4", "--sequence-length", "32", "--no-progress", "--output", str(tmp_path / "pruned")])  # fmt: skip
+    capsys.readouterr()
+    seen = []
+
+    class FakeHFLM:  # lm-eval is optional: its two entry points the bridge calls, recorded
+        def __init__(self, **kwargs):
+            seen.append(kwargs["pretrained"])
+
+    fake = {name: types.ModuleType(name) for name in ("lm_eval", "lm_eval.models", "lm_eval.models.huggingface",
+                                                      "lm_eval.tasks")}  # fmt: skip
+    fake["lm_eval"].simple_evaluate = lambda **kwargs: {"results": {t: {"acc": 0.25} for t in kwargs["tasks"]}}
+    fake["lm_eval.models.huggingface"].HFLM = FakeHFLM
+    fake["lm_eval.tasks"].TaskManager = lambda **kwargs: None
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    main(["evaluate", "--model", str(tmp_path / "pruned"), "--dataset", str(dense_dir / "calib.txt"),
+          "--sequence-length", "32", "--max-tokens", "256", "--baseline", str(dense_dir / "dense"), "--tasks",
+          "arc_easy,piqa", "--json"])  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["baseline"]["model"] == str(dense_dir / "dense")
+    assert result["perplexity"] > result["baseline"]["perplexity"] > 1  # the pruned model is worse than the dense
+    assert result["tasks"] == result["baseline"]["tasks"] == {"arc_easy": {"acc": 0.25}, "piqa": {"acc": 0.25}}
+    assert len(seen) == 2  # both models went through lm-eval
+    main(["evaluate", "--model", str(tmp_path / "pruned"), "--dataset", str(dense_dir / "calib.txt"),
+          "--sequence-length", "32", "--max-tokens", "256", "--baseline", str(dense_dir / "dense")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "baseline perplexity on calib.txt" in out and "perplexity change against the baseline: +" in out
