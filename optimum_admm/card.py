@@ -94,6 +94,34 @@ def _method_summary(method: str) -> str:
     return " ".join(line.strip() for line in paragraph.splitlines()) or f"The `{method}` pruning method."
 
 
+_DATASETS_DESCRIPTION = re.compile(
+    r"datasets:(?P<name>[^\[/]+(?:/[^\[/]+)?)(?:/(?P<config>[^\[]+))?\[(?P<split>[^\]]+)\]\.(?P<column>.+)"
+)
+
+
+def _dataset_flags(dataset: str | None) -> list[str] | None:
+    """The CLI flags of a calibration source recorded as ``datasets:name[/config][split].column``."""
+    match = _DATASETS_DESCRIPTION.fullmatch(dataset or "")
+    if match is None:
+        return None
+    flags = ["--dataset", match["name"]]
+    if match["config"]:
+        flags += ["--dataset-config", match["config"]]
+    return [*flags, "--dataset-split", match["split"], "--text-column", match["column"]]
+
+
+def _dataset_ids(metadata: dict[str, Any]) -> list[str]:
+    """Hub dataset ids of the calibration and evaluation data, for the card's ``datasets:`` field."""
+    ids = []
+    sources = [(metadata.get("calibration") or {}).get("dataset"), *(metadata.get("evaluation") or {})]
+    for source in sources:
+        if source in _KNOWN_DATASETS:
+            ids.append(_KNOWN_DATASETS[source][1])
+        elif (match := _DATASETS_DESCRIPTION.fullmatch(source or "")) and _is_hub_id(match["name"]):
+            ids.append(match["name"])
+    return list(dict.fromkeys(ids))
+
+
 def _dataset_argument(dataset: str | None) -> tuple[str, str | None]:
     """The ``--dataset`` value that reproduces a calibration source, and a note when it cannot be exact."""
     if dataset in _KNOWN_DATASETS:
@@ -117,7 +145,9 @@ def reproduce_command(metadata: dict[str, Any], base_model: str | None, output: 
     """
     config = dict(metadata["config"])
     method = metadata.get("method", config.get("method"))
-    dataset, _ = _dataset_argument(metadata.get("calibration", {}).get("dataset"))
+    recorded = metadata.get("calibration", {}).get("dataset")
+    dataset, _ = _dataset_argument(recorded)
+    dataset_flags = _dataset_flags(recorded) or ["--dataset", dataset]
     args = ["optimum-cli", "admm", "prune", "--model", base_model or "DENSE_MODEL_PATH", "--method", str(method)]
     needs_recipe = True
     try:
@@ -133,7 +163,7 @@ def reproduce_command(metadata: dict[str, Any], base_model: str | None, output: 
         args += ["--recipe", "pruning_config.json"]
     else:
         args += ["--sparsity", f"{config['sparsity']:g}", "--pattern", config["mask_structure"]]
-    args += ["--dataset", dataset]
+    args += dataset_flags
     if not needs_recipe:
         args += ["--num-samples", str(config["num_samples"]), "--sequence-length", str(config["sequence_length"])]
         args += ["--seed", str(config["seed"])]
@@ -146,7 +176,13 @@ def _eval_results(evaluation: dict[str, dict[str, Any]]) -> list[Any]:
 
     results = []
     for key, entry in evaluation.items():
-        name, dataset_type, config_name, split = _KNOWN_DATASETS.get(key, (key, key, None, None))
+        known = _KNOWN_DATASETS.get(key)
+        if known is not None:
+            name, dataset_type, config_name, split = known
+        elif _is_hub_id(key) and not Path(key).suffix:
+            name, dataset_type, config_name, split = key, key, None, None
+        else:  # a local file: named, but never passed off as a Hub dataset id
+            name, dataset_type, config_name, split = f"{key} (local file)", "text", None, None
         results.append(
             EvalResult(
                 task_type="text-generation",
@@ -200,7 +236,12 @@ def _lineage(metadata: dict[str, Any]) -> list[str]:
 
 
 def _body(
-    metadata: dict[str, Any], base_model: str | None, model_name: str, repo_id: str | None, location: str | None = None
+    metadata: dict[str, Any],
+    base_model: str | None,
+    model_name: str,
+    repo_id: str | None,
+    location: str | None = None,
+    source: str | None = None,
 ) -> str:
     config = metadata["config"]
     method = metadata["method"]
@@ -250,7 +291,7 @@ def _body(
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id or location or model_name}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or location or model_name}")\n```',
         "## Reproduce",
-        f"```bash\n{reproduce_command(metadata, base_model, output=model_name)}\n```"
+        f"```bash\n{reproduce_command(metadata, source or base_model, output=model_name)}\n```"
         + (f"\n\n{dataset_note}" if dataset_note else ""),
         "## Versions",
         _table([(f"`{k}`", f"`{v}`") for k, v in (metadata.get("versions") or {}).items()], ("package", "version")),
@@ -313,7 +354,10 @@ def build_model_card(
         license=license,
         model_name=model_name,
         tags=["pruned", "sparse", method, pattern, "optimum-admm"],
+        datasets=_dataset_ids(metadata) or None,
         eval_results=_eval_results(evaluation) or None,
     )
-    content = f"---\n{data.to_yaml()}\n---\n\n{_body(metadata, base_model, model_name, repo_id, location)}"
+    source = base_model or (name_or_path if name_or_path and Path(name_or_path).exists() else None)
+    body = _body(metadata, base_model, model_name, repo_id, location, source)
+    content = f"---\n{data.to_yaml()}\n---\n\n{body}"
     return ModelCard(content)

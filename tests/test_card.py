@@ -87,3 +87,26 @@ def test_reproduce_command_uses_the_recipe_for_settings_without_a_flag():
         "optimum-cli admm prune --model org/base --method admm --recipe pruning_config.json --dataset calib.txt "
         "--output out"
     )
+
+
+def test_card_fields_name_real_datasets_and_a_complete_reproduce_command(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from optimum_admm import ADMMConfig
+    from optimum_admm.card import build_model_card, reproduce_command
+    from optimum_admm.export import pruning_metadata
+
+    metadata = pruning_metadata(ADMMConfig(sparsity=0.5), None, {"wikitext2": 20.0, "heldout.txt": 30.0})
+    metadata["calibration"] = {"dataset": "datasets:org/corpus/en[train].body", "num_samples": 128}
+    card = ModelCard(str(build_model_card(metadata, base_model="org/base")))
+    assert card.data.datasets == ["org/corpus", "wikitext"]
+    types = {result.dataset_name: result.dataset_type for result in card.data.eval_results}
+    assert types == {"WikiText-2": "wikitext", "heldout.txt (local file)": "text"}  # a file is never a dataset id
+    command = reproduce_command(metadata, "org/base", "out")
+    assert "--dataset org/corpus --dataset-config en --dataset-split train --text-column body" in command
+    local = tmp_path / "dense-model"
+    local.mkdir()
+    from types import SimpleNamespace
+
+    text = str(build_model_card(metadata, model_config=SimpleNamespace(_name_or_path=str(local))))
+    assert f"--model {local}" in text and "DENSE_MODEL_PATH" not in text  # the local source, not a placeholder
