@@ -127,3 +127,14 @@ def _device_map(text: str) -> Any:
     if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
         raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: a JSON object {{module name: device}}")
     return mapping
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device-map`` and ``--offload-folder``, shared by the subcommands that load a model."""
+    parser.add_argument(
+        "--device-map",
+        type=_device_map,
+        default=None,
+        help="accelerate device map: 'auto', 'balanced', 'cpu', 'cuda:0' or a JSON object {module: device}.",
+    )
+    parser.add_argument("--offload-folder", default=None, help="Where a device map's 'disk' modules are offloaded.")

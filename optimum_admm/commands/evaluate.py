@@ -12,9 +12,9 @@ from ._arguments import (
     _NAMED_DATASETS,
     _dataset,
     _dataset_key,
-    _device_map,
     _positive_int,
     _texts,
+    add_placement_arguments,
 )
 from ._boundary import GuardedCommand, add_debug_flag
 
@@ -41,15 +41,7 @@ class EvaluateCommand(GuardedCommand):
         parser.add_argument("--sequence-length", type=_positive_int, default=2048, help="Window length (2048).")
         parser.add_argument("--max-tokens", type=_positive_int, default=None, help="Evaluate the first N tokens.")
         parser.add_argument("--batch-size", type=_positive_int, default=1, help="Windows per forward pass (1).")
-        parser.add_argument(
-            "--device-map",
-            type=_device_map,
-            default=None,
-            help="accelerate device map: 'auto', 'balanced', 'cpu', 'cuda:0' or a JSON object {module: device}.",
-        )
-        parser.add_argument(
-            "--offload-folder", default=None, help="Where a device map's 'disk' modules are offloaded."
-        )
+        add_placement_arguments(parser)
         parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
         parser.add_argument(
             "--tasks",

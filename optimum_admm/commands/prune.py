@@ -13,7 +13,6 @@ from ._arguments import (
     _calibration_dataset,
     _dataset,
     _dataset_key,
-    _device_map,
     _existing_file,
     _fail,
     _pattern,
@@ -21,6 +20,7 @@ from ._arguments import (
     _RegisteredMethods,
     _sparsity,
     _texts,
+    add_placement_arguments,
 )
 from ._boundary import GuardedCommand, add_debug_flag
 
@@ -86,15 +86,7 @@ class PruneCommand(GuardedCommand):
         parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Also push to this Hub repo.")
         parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
         parser.add_argument("--revision", default=None, help="Branch of the Hub repo to push to (default: main).")
-        parser.add_argument(
-            "--device-map",
-            type=_device_map,
-            default=None,
-            help="accelerate device map: 'auto', 'balanced', 'cpu', 'cuda:0' or a JSON object {module: device}.",
-        )
-        parser.add_argument(
-            "--offload-folder", default=None, help="Where a device map's 'disk' modules are offloaded."
-        )
+        add_placement_arguments(parser)
         parser.add_argument(
             "--dtype",
             "--torch-dtype",
