@@ -176,6 +176,20 @@ def _eval_results(evaluation: dict[str, dict[str, Any]]) -> list[Any]:
 
     results = []
     for key, entry in evaluation.items():
+        if "perplexity" not in entry:  # an lm-eval task's metrics
+            results += [
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=key,
+                    dataset_type=key,
+                    dataset_name=key,
+                    metric_type=metric,
+                    metric_name=metric,
+                    metric_value=round(float(value), 4),
+                )  # fmt: skip
+                for metric, value in entry.items()
+            ]
+            continue
         known = _KNOWN_DATASETS.get(key)
         if known is not None:
             name, dataset_type, config_name, split = known
@@ -268,12 +282,17 @@ def _body(
     evaluation = metadata.get("evaluation") or {}
     if evaluation:
         rows = []
+        tasks = [(f"`{k}`", ", ".join(f"{m} {v:.4f}" for m, v in e.items())) for k, e in evaluation.items()
+                 if "perplexity" not in e]  # fmt: skip
+        evaluation = {k: e for k, e in evaluation.items() if "perplexity" in e}
         for key, entry in evaluation.items():
             extra = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "perplexity")
             rows.append(
                 (_KNOWN_DATASETS.get(key, (key,))[0], f"{entry['perplexity']:.4f}" + (f" ({extra})" if extra else ""))
             )
-        parts += ["## Evaluation", _table(rows, ("dataset", "perplexity"))]
+        parts += ["## Evaluation"]
+        parts += [_table(rows, ("dataset", "perplexity"))] if rows else []
+        parts += [_table(tasks, ("lm-eval task", "metrics"))] if tasks else []
     parts += ["## Per-layer sparsity", _layers_section(metadata.get("layers") or {})]
     parts += [
         "## Storage: dense",

@@ -86,8 +86,9 @@ def _check_max_shard_size(max_shard_size: int | str) -> int:
 def normalize_evaluation_results(results: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Bring evaluation results to ``{dataset: {"perplexity": float, ...}}``.
 
-    Each value may be a number (the perplexity), a ``PerplexityResult`` or a dict with a ``"perplexity"`` key (other
-    keys such as ``"sequence_length"`` or ``"dense_perplexity"`` are kept).
+    Each value may be a number (the perplexity), a ``PerplexityResult``, a dict with a ``"perplexity"`` key (other
+    keys such as ``"sequence_length"`` or ``"dense_perplexity"`` are kept), or an lm-eval task's metrics
+    (``{"acc": 0.61, "acc_norm": 0.58}``, what :func:`optimum_admm.lm_eval_bridge.evaluate_tasks` returns per task).
 
     Example:
         >>> normalize_evaluation_results({"wikitext2": 14.5})
@@ -95,7 +96,10 @@ def normalize_evaluation_results(results: Mapping[str, Any] | None) -> dict[str,
     """
     if results is None:
         return {}
-    allowed = "a dict {dataset name: perplexity | PerplexityResult | {'perplexity': float, ...}}"
+    allowed = (
+        "a dict {dataset name: perplexity | PerplexityResult | {'perplexity': float, ...}} or {task: {metric: float}} "
+        "(lm-eval results)"
+    )
     if not isinstance(results, Mapping):
         raise InvalidArgumentError(
             f"evaluation_results of type {type(results).__name__} is invalid; allowed: {allowed}"
@@ -105,8 +109,16 @@ def normalize_evaluation_results(results: Mapping[str, Any] | None) -> dict[str,
         if hasattr(value, "to_dict") and not isinstance(value, Mapping):
             value = value.to_dict()
         entry = dict(value) if isinstance(value, Mapping) else {"perplexity": value}
+        if not isinstance(dataset, str) or not dataset:
+            raise InvalidArgumentError(f"evaluation_results[{dataset!r}]={value!r} is invalid; allowed: {allowed}")
+        if "perplexity" not in entry and isinstance(value, Mapping):  # lm-eval metrics: {"acc": 0.61, ...}
+            metrics = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if not metrics or not all(math.isfinite(float(v)) for v in metrics.values()):
+                raise InvalidArgumentError(f"evaluation_results[{dataset!r}]={value!r} is invalid; allowed: {allowed}")
+            normalized[dataset] = {k: float(v) for k, v in metrics.items()}
+            continue
         ppl = entry.get("perplexity")
-        if not isinstance(dataset, str) or not dataset or isinstance(ppl, bool) or not isinstance(ppl, (int, float)):
+        if isinstance(ppl, bool) or not isinstance(ppl, (int, float)):
             raise InvalidArgumentError(f"evaluation_results[{dataset!r}]={value!r} is invalid; allowed: {allowed}")
         if not math.isfinite(float(ppl)) or float(ppl) <= 0:
             raise InvalidArgumentError(

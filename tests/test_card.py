@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from huggingface_hub import ModelCard
 
@@ -110,3 +111,20 @@ def test_card_fields_name_real_datasets_and_a_complete_reproduce_command(tmp_pat
 
     text = str(build_model_card(metadata, model_config=SimpleNamespace(_name_or_path=str(local))))
     assert f"--model {local}" in text and "DENSE_MODEL_PATH" not in text  # the local source, not a placeholder
+
+
+def test_lm_eval_metrics_are_accepted_as_evaluation_results(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from optimum_admm import ADMMConfig
+    from optimum_admm.card import build_model_card
+    from optimum_admm.export import normalize_evaluation_results, pruning_metadata
+
+    results = {"wikitext2": 21.5, "arc_easy": {"acc": 0.61, "acc_norm": 0.58, "alias": "arc_easy"}}
+    assert normalize_evaluation_results(results)["arc_easy"] == {"acc": 0.61, "acc_norm": 0.58}
+    with pytest.raises(ValueError, match="lm-eval results"):
+        normalize_evaluation_results({"arc_easy": {"alias": "arc_easy"}})  # no metric at all
+    card = ModelCard(str(build_model_card(pruning_metadata(ADMMConfig(), None, results), base_model="org/base")))
+    metrics = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert metrics == {("WikiText-2", "perplexity"): 21.5, ("arc_easy", "acc"): 0.61, ("arc_easy", "acc_norm"): 0.58}
+    assert "| `arc_easy` | acc 0.6100, acc_norm 0.5800 |" in card.text
