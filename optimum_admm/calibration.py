@@ -130,10 +130,16 @@ def _texts_from(source: CalibrationSource, text_column: str) -> list[str] | None
         return load_named_texts(source, "train", num_documents=20000 if source == "c4" else None)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError:  # a name too long for the file system: text passed where a path belongs
+            is_file = False
+        if not is_file:
+            shown = str(source) if len(str(source)) <= 80 else f"{str(source)[:60]}... ({len(str(source))} characters)"
+            hint = "; to calibrate on a text, pass it in a list: [text]" if isinstance(source, str) else ""
             raise CalibrationDataError(
-                f"calibration_dataset={str(source)!r} is neither a named dataset {NAMED_DATASETS} nor an existing "
-                "text file"
+                f"calibration_dataset={shown!r} is neither a named dataset {NAMED_DATASETS} nor an existing text "
+                f"file{hint}"
             )
         return [read_text_file(path, "calibration_dataset")]
     if isinstance(source, list) and source and all(isinstance(t, (torch.Tensor, dict)) for t in source):

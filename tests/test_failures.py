@@ -494,6 +494,13 @@ API_CASES = [
         "before-forward",
     ),
     ApiCase(
+        "text-passed-as-a-path",
+        lambda w, t, x: _pruner(w, t).prune(x),
+        errors.CalibrationDataError,
+        r"calibration_dataset='.+?\.\.\. \(\d+ characters\)' is neither a named dataset .* pass it in a list: \[text\]",
+        "before-forward",
+    ),
+    ApiCase(
         "list-of-numbers",
         lambda w, t, x: _pruner(w, t).prune([1, 2]),
         ValueError,
