@@ -113,9 +113,15 @@ def _first_output(output: Any) -> torch.Tensor:
 def check_finite_weights(store: WeightStore, index: int) -> None:
     """Refuse a block with NaN or infinite parameters, naming the tensor (pruning would pass them on or rank them
     arbitrarily)."""
-    for name, tensor in store.block_tensors(index).items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+    for owner, _ in store.parameter_owners(index):
+        with store.module(owner, write=False) as module:  # checked where the weights are: no copy to the host
+            found = [
+                (f"{owner}.{local}", int((~torch.isfinite(p)).sum()))
+                for local, p in module.named_parameters(recurse=False)
+                if p.is_floating_point() and not bool(torch.isfinite(p).all())
+            ]
+        if found:
+            name, bad = found[0]
             raise NonFiniteWeightsError(
                 f"weight {name} holds {bad} NaN or infinite values; allowed: finite weights. The checkpoint is "
                 "damaged or was saved from a diverged run: reload it, or load it in a wider dtype (dtype=torch.float32)"

@@ -97,6 +97,10 @@ class WeightStore:
         """The module ``name`` with its own parameters present; changes are kept when ``write``."""
         yield self.model.get_submodule(name)
 
+    def parameter_owners(self, index: int) -> Iterator[tuple[str, nn.Module]]:
+        """``(full name, module)`` of every module of block ``index`` that owns parameters itself."""
+        return self._parameter_owners(index)
+
     def _parameter_owners(self, index: int) -> Iterator[tuple[str, nn.Module]]:
         prefix = self.block_name(index)
         for local, sub in self.blocks[index].named_modules():
