@@ -21,6 +21,7 @@ __all__ = [
     "matches",
     "get_weight_matrix",
     "set_weight_matrix",
+    "dense_block_parameters",
     "execution_device",
     "is_linear",
 ]
@@ -144,6 +145,37 @@ def find_prunable_layers(
             f"({blocks_name}) of {type(model).__name__}"
         )
     return per_block
+
+
+def dense_block_parameters(
+    blocks_name: str, blocks: nn.ModuleList, layers_per_block: list[dict[str, nn.Module]], ignore: Iterable[str]
+) -> tuple[list[tuple[str, int]], int]:
+    """The matrices (parameters with two or more dimensions) inside the decoder blocks that no linear layer owns
+    (such as fused expert tensors) and no ``ignore`` pattern names, largest first, and the number of elements of all
+    the blocks' matrices. Linears that the targets or ``ignore`` leave out are left out on purpose, and not listed.
+
+    Example:
+        >>> from torch import nn
+        >>> blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4))])
+        >>> dense_block_parameters("", blocks, [{"0.0": blocks[0][0]}], [])
+        ([], 16)
+    """
+    patterns = list(ignore)
+    left: list[tuple[str, int]] = []
+    total = 0
+    for index, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
+        owned = {id(module) for module in layers_per_block[index].values()}
+        for local, module in block.named_modules():
+            name = f"{prefix}.{local}" if local else prefix
+            for parameter_name, parameter in module.named_parameters(recurse=False):
+                if parameter.dim() < 2:
+                    continue
+                total += parameter.numel()
+                # A linear that is not targeted was left out by the targets or ignore patterns: on purpose.
+                if id(module) not in owned and not is_linear(module) and not _matches_any(name, module, patterns):
+                    left.append((f"{name}.{parameter_name}", parameter.numel()))
+    return sorted(left, key=lambda item: -item[1]), total
 
 
 def get_weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -160,6 +160,7 @@ class ADMMPruner(OptimumQuantizer):
         max_memory: int | str | dict[int | str, int | str] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         activation_cache_dir: str | os.PathLike | None = None,
+        allow_unpruned: bool = False,
     ) -> PruningReport:
         """Prune the model in place and return the per-layer report.
 
@@ -176,6 +177,8 @@ class ADMMPruner(OptimumQuantizer):
                 refused with the numbers before any forward.
             checkpoint_dir: record every finished block there; re-running the same command after an interruption
                 continues from the next block (a different recipe, model or calibration set is refused).
+            allow_unpruned: prune even when more than 5% of the decoder blocks' weights are not targeted linears
+                (fused expert tensors, for instance): by default that is refused, naming them, before any work.
             activation_cache_dir: keep the calibration activations in memory-mapped files in this directory
                 instead of RAM, for calibration sets that do not fit (the files are unlinked as soon as they are
                 mapped: nothing is left behind).
@@ -225,6 +228,7 @@ class ADMMPruner(OptimumQuantizer):
             max_memory=max_memory,
             checkpoint_dir=checkpoint_dir,
             activation_cache_dir=activation_cache_dir,
+            allow_unpruned=allow_unpruned,
         )
         report.calibration = calibration
         self.report = report

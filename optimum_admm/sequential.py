@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,14 @@ from .distributed import current as current_group
 from .errors import InvalidArgumentError, NonFiniteWeightsError, UnprunedLayersError
 from .masks import row_chunks
 from .memory import MaxMemory, release_freed_host_memory
-from .modeling import execution_device, find_decoder_blocks, find_prunable_layers, get_weight_matrix, set_weight_matrix
+from .modeling import (
+    dense_block_parameters,
+    execution_device,
+    find_decoder_blocks,
+    find_prunable_layers,
+    get_weight_matrix,
+    set_weight_matrix,
+)
 from .registry import MethodSpec, get_spec
 from .reporting import LayerReport, PhaseTimer, PruningReport
 from .stats import GramAccumulator, StatisticAccumulator, masked_reconstruction_error, relative_reconstruction_error
@@ -456,6 +464,7 @@ def prune_model(
     checkpoint_dir: str | os.PathLike | None = None,
     activation_cache_dir: str | os.PathLike | None = None,
     store: WeightStore | None = None,
+    allow_unpruned: bool = False,
 ) -> PruningReport:
     """Prune ``model`` in place, block by block, with the method registered for ``config``: the one block loop.
 
@@ -476,6 +485,8 @@ def prune_model(
         activation_cache_dir: keep the calibration activations in memory-mapped files there instead of on
             ``storage_device``, for calibration sets larger than RAM (see :mod:`optimum_admm.activations`).
         store: where the weights are read and written (default: :func:`optimum_admm.stores.store_for` the model).
+        allow_unpruned: prune even when more than 5% of the decoder blocks' matrices are not targeted linears (they
+            are named in a warning either way); by default that is refused before any work.
 
     Returns:
         The :class:`~optimum_admm.reporting.PruningReport`.
@@ -483,7 +494,7 @@ def prune_model(
     Example:
         >>> report = prune_model(model, ADMMConfig(), batches, checkpoint_dir="ckpt")  # doctest: +SKIP
     """
-    run = _new_run(model, config, store, checkpoint_dir)
+    run = _new_run(model, config, store, checkpoint_dir, allow_unpruned)
     storage = resolve_storage(storage_device, activation_cache_dir)
     if run.spec.needs_calibration:
         _check_batches(run, calibration_batches)
@@ -535,10 +546,33 @@ def _check_batches(run: _Run, batches: list[torch.Tensor] | None) -> None:
     run.num_samples = len(batches)
 
 
-def _new_run(model, config, store, checkpoint_dir) -> _Run:
+#: The share of the decoder blocks' matrices that may stay dense without the user asking (``allow_unpruned``).
+DENSE_SHARE_LIMIT = 0.05
+
+
+def _check_coverage(blocks_name, blocks, layers, config, allow_unpruned: bool) -> None:
+    """Never a silent partial prune: name, before any work, the block matrices no targeted layer covers."""
+    left, total = dense_block_parameters(blocks_name, blocks, layers, config.ignore)
+    share = sum(numel for _, numel in left) / total if total else 0.0
+    if not left:
+        return
+    names = ", ".join(f"{name} ({numel:,})" for name, numel in left[:5]) + (
+        f", ... {len(left) - 5} more" if len(left) > 5 else ""
+    )
+    if share > DENSE_SHARE_LIMIT and not allow_unpruned:
+        raise UnprunedLayersError(
+            f"{share:.0%} of the decoder blocks' weights would stay dense: {names} (not nn.Linear layers the targets "
+            "select, such as fused expert tensors); pass allow_unpruned=True (--allow-unpruned) to prune the rest "
+            "anyway, or add them to `ignore` to say they stay dense on purpose"
+        )
+    warnings.warn(f"{share:.1%} of the decoder blocks' weights stay dense: {names}", stacklevel=4)
+
+
+def _new_run(model, config, store, checkpoint_dir, allow_unpruned: bool = False) -> _Run:
     blocks_name, blocks = find_decoder_blocks(model)
     default_targets = default_of(type(config), "targets")
     layers = find_prunable_layers(model, config.targets, config.ignore, blocks, blocks_name, default_targets)
+    _check_coverage(blocks_name, blocks, layers, config, allow_unpruned)
     store = store or store_for(model)
     store.bind(blocks_name, blocks)
     report = PruningReport(method=config.method, config=config.to_dict())

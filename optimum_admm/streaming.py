@@ -445,6 +445,7 @@ def prune_checkpoint(
     base_model: str | None = None,
     license: str | None = None,
     repo_id: str | None = None,
+    allow_unpruned: bool = False,
 ) -> StreamingResult:
     """Prune the checkpoint in ``source`` block by block into ``save_dir``, holding one block at a time.
 
@@ -474,6 +475,7 @@ def prune_checkpoint(
         base_model: Hub id of the dense model, for the card.
         license: the card's license.
         repo_id: the Hub repo the output is meant for (the card's usage snippet).
+        allow_unpruned: as for :func:`optimum_admm.sequential.prune_model`.
 
     Example:
         >>> from optimum_admm import ADMMConfig
@@ -503,6 +505,7 @@ def prune_checkpoint(
             checkpoint_dir=checkpoint_dir,
             activation_cache_dir=activation_cache_dir,
             store=store,
+            allow_unpruned=allow_unpruned,
         )
         report.calibration = calibration
         shards, evaluation = store.finish(), None

@@ -768,3 +768,25 @@ def test_a_hub_id_that_is_missing_or_failing_is_explained_before_loading(status,
         code, err = _run_cli_in_process(Case("hub", _prune(model="org/missing")), world, monkeypatch, capsys)
     assert code == 1 and "Traceback" not in err and __import__("re").search(message, err), err
     assert stages == [] and not (world / "out").exists()
+
+
+def test_a_model_whose_blocks_are_mostly_untargeted_is_refused_before_work_naming_them(tokenizer, corpus_text):
+    import warnings
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    model = MixtralForCausalLM(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=WandaConfig(**FAST))
+    with pytest.raises(errors.UnprunedLayersError, match=r"\d+% of the decoder blocks' weights would stay dense: "
+                       r"model\.layers\.\d\.mlp\.experts\.\w+ .*allow_unpruned=True"):  # fmt: skip
+        pruner.prune([corpus_text], show_progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing touched
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = pruner.prune([corpus_text], show_progress=False, allow_unpruned=True)  # deliberately
+    assert any("stay dense: model.layers" in str(w.message) and "experts" in str(w.message) for w in caught)
+    assert report.sparsity == pytest.approx(0.5)

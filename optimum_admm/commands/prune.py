@@ -98,6 +98,12 @@ class PruneCommand(GuardedCommand):
             "--trust-remote-code", action="store_true", help="Allow custom model code from the Hub (off by default)."
         )
         parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+        parser.add_argument(
+            "--allow-unpruned",
+            action="store_true",
+            help="Prune even when more than 5%% of the decoder blocks' weights are not targeted linears (they are "
+            "named either way; by default that is refused before any work).",
+        )
         large = parser.add_argument_group("large models", "See docs/large-models.md.")
         large.add_argument(
             "--checkpoint-dir",
@@ -270,6 +276,7 @@ class PruneCommand(GuardedCommand):
         from ..distributed import current
 
         report = pruner.prune(
+            allow_unpruned=args.allow_unpruned,
             calibration_dataset=calibration,
             show_progress=not args.no_progress,
             max_memory=max_memory,
@@ -425,6 +432,7 @@ class PruneCommand(GuardedCommand):
             checkpoint_dir=args.checkpoint_dir,
             activation_cache_dir=args.activation_cache_dir,
             evaluate=self._streamed_evaluation(config) if args.eval_dataset is not None else None,
+            allow_unpruned=args.allow_unpruned,
             base_model=base_model,
             repo_id=args.push_to_hub,
         )
