@@ -14,6 +14,8 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .loading import offline_mode
+
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
@@ -33,12 +35,6 @@ _MAX_LAYER_ROWS = 12
 
 def _is_hub_id(name: Any) -> bool:
     return isinstance(name, str) and bool(_HUB_ID.match(name)) and not Path(name).exists()
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _fetched_card(repo_id: str) -> list[Path]:
@@ -69,7 +65,7 @@ def _base_license(base_model: str | None, name_or_path: str | None) -> str | Non
             cached = None
         if isinstance(cached, (str, os.PathLike)):
             candidates.append(Path(cached))
-        elif not _offline():
+        elif not offline_mode():
             candidates.extend(_fetched_card(base_model))
     for path in candidates:
         try:

@@ -175,14 +175,6 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _format_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 def check_writable_directory(path: str | os.PathLike, parameter: str, needed_bytes: int | None = None) -> Path:
     """Before any work: the output ``path`` can be created and written (where :func:`staged_directory` stages it),
     and its file system has room for about ``needed_bytes`` (5% margin). Returns the directory that was probed.
@@ -196,6 +188,7 @@ def check_writable_directory(path: str | os.PathLike, parameter: str, needed_byt
         True
     """
     from .errors import OutputDirectoryError
+    from .memory import format_bytes
 
     target = Path(path).expanduser().absolute()
     inside = target.is_dir() and os.path.ismount(target)
@@ -217,7 +210,7 @@ def check_writable_directory(path: str | os.PathLike, parameter: str, needed_byt
         free = shutil.disk_usage(probe).free
         if free < needed_bytes * 1.05:
             raise OutputDirectoryError(
-                f"{parameter} {path}: its file system has {_format_bytes(free)} free, but the output needs about "
-                f"{_format_bytes(needed_bytes)}; free some space or choose another directory"
+                f"{parameter} {path}: its file system has {format_bytes(free)} free, but the output needs about "
+                f"{format_bytes(needed_bytes)}; free some space or choose another directory"
             )
     return probe

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 
-__all__ = ["check_model_source", "explained_load_errors", "looks_like_a_path"]
+__all__ = ["check_model_source", "explained_load_errors", "looks_like_a_path", "offline_mode"]
 
 _PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
@@ -39,7 +39,8 @@ def looks_like_a_path(text: str) -> bool:
     )
 
 
-def _offline() -> bool:
+def offline_mode() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``)."""
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
@@ -87,12 +88,12 @@ def check_model_source(
     from huggingface_hub import try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(text, "config.json", revision=revision), str)
-    if _offline() and not cached:
+    if offline_mode() and not cached:
         raise ModelLoadError(
             f"{parameter} {text} is not in the local Hub cache, and HF_HUB_OFFLINE=1 forbids downloading it; "
             "unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to download it, or pass a local directory"
         )
-    if not cached and not _offline():
+    if not cached and not offline_mode():
         _check_on_the_hub(text, revision, parameter)
     return None
 

@@ -31,6 +31,16 @@ _LIBC: object = None
 MaxMemory = int | str | Mapping[int | str, int | str]
 
 
+def model_bytes(model: nn.Module) -> int:
+    """The bytes of a model's state (what a save writes), ``meta`` tensors counted by shape and dtype.
+
+    Example:
+        >>> model_bytes(nn.Linear(2, 2))
+        24
+    """
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def format_bytes(num_bytes: float) -> str:
     """A human-readable size in binary units.
 

@@ -193,8 +193,9 @@ class ADMMPruner(OptimumQuantizer):
             from .files import check_writable_directory
 
             check_save_dir(save_dir, overwrite)
-            size = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
-            check_writable_directory(save_dir, "save_dir", size)
+            from .memory import model_bytes
+
+            check_writable_directory(save_dir, "save_dir", model_bytes(self.model))
         batches = None
         calibration: dict[str, Any] = {}
         if config.needs_calibration:

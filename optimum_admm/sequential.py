@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 import warnings
@@ -345,8 +344,8 @@ def _record(run: _Run, row: LayerReport) -> None:
 def _solve_stage(run: _Run, names: list[str], accumulators: dict[str, StatisticAccumulator]) -> None:
     """Prune the layers of one stage. With several ranks each layer is solved on the rank
     :func:`~optimum_admm.distributed.assign_layers` gives it, and its pruned weight and report row are broadcast."""
-    costs = {n: float(math.prod(get_weight_matrix(run.layers[n]).shape)) * get_weight_matrix(run.layers[n]).shape[1]
-             for n in names}  # fmt: skip
+    shapes = {n: get_weight_matrix(run.layers[n]).shape for n in names}
+    costs = {n: float(out * inp * inp) for n, (out, inp) in shapes.items()}  # a solve's (out x in)(in x in) products
     owners = assign_layers(costs, run.dist.world_size)
     rows: dict[str, LayerReport | None] = {}
     layer_bar = tqdm(names, desc="layers", unit="layer", leave=False, disable=not run.show_progress)

@@ -99,9 +99,6 @@ class WeightStore:
 
     def parameter_owners(self, index: int) -> Iterator[tuple[str, nn.Module]]:
         """``(full name, module)`` of every module of block ``index`` that owns parameters itself."""
-        return self._parameter_owners(index)
-
-    def _parameter_owners(self, index: int) -> Iterator[tuple[str, nn.Module]]:
         prefix = self.block_name(index)
         for local, sub in self.blocks[index].named_modules():
             if next(sub.parameters(recurse=False), None) is not None:
@@ -110,7 +107,7 @@ class WeightStore:
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Block ``index``'s parameters on CPU, by full name (a view, not a copy, of CPU tensors in memory)."""
         tensors = {}
-        for owner, _ in self._parameter_owners(index):
+        for owner, _ in self.parameter_owners(index):
             with self.module(owner, write=False) as sub:
                 for local, param in sub.named_parameters(recurse=False):
                     tensors[f"{owner}.{local}"] = param.detach().to("cpu").contiguous()
@@ -130,7 +127,7 @@ class WeightStore:
 
         with self.timer.phase("load"):
             saved = load_file(str(recorded))
-        for owner, _ in self._parameter_owners(index):
+        for owner, _ in self.parameter_owners(index):
             with self.module(owner) as sub:
                 for local, param in sub.named_parameters(recurse=False):
                     param.data.copy_(saved[f"{owner}.{local}"].to(param.device))

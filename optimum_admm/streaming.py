@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +135,13 @@ def _model_names(model: nn.Module, stored_names: list[str]) -> dict[str, str]:
     return names
 
 
-def _load_tensors(model: nn.Module, checkpoint: _Checkpoint, names: list[str], device, page_in: bool = True) -> float:
-    """Read ``names`` from the shards onto ``device`` into the skeleton; returns the seconds spent.
+def _load_tensors(model: nn.Module, checkpoint: _Checkpoint, names: list[str], device, page_in: bool = True) -> None:
+    """Read ``names`` from the shards onto ``device`` into the skeleton (timed by the store's ``load`` phase).
 
     ``page_in=False`` leaves CPU tensors mapped lazily (modules a forward may not read, such as an untied head).
     """
     from accelerate.utils import set_module_tensor_to_device
 
-    start = time.perf_counter()
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(checkpoint.files[name], []).append(name)
@@ -154,7 +152,6 @@ def _load_tensors(model: nn.Module, checkpoint: _Checkpoint, names: list[str], d
                 if page_in and value.device.type == "cpu":
                     _page_in(value)
                 set_module_tensor_to_device(model, key, device, value=value)
-    return time.perf_counter() - start
 
 
 def _page_in(tensor: torch.Tensor) -> None:
@@ -217,12 +214,10 @@ def _copy_tensors(checkpoint: _Checkpoint, names: list[str], path: Path, chunk: 
                     length -= len(data)
 
 
-def _write_shard(model: nn.Module, names: list[str], path: Path) -> float:
+def _write_shard(model: nn.Module, names: list[str], path: Path) -> None:
     from safetensors.torch import save_file
 
-    start = time.perf_counter()
     save_file(_block_tensors(model, names), str(path), metadata={"format": "pt"})
-    return time.perf_counter() - start
 
 
 def _shard_name(index: int, total: int) -> str:

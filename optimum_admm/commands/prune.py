@@ -272,7 +272,9 @@ class PruneCommand(GuardedCommand):
             trust_remote_code=args.trust_remote_code,
             **({"offload_folder": args.offload_folder} if args.offload_folder is not None else {}),
         )
-        check_writable_directory(args.output, "--output", _model_bytes(pruner.model))  # now with the real size
+        from ..memory import model_bytes
+
+        check_writable_directory(args.output, "--output", model_bytes(pruner.model))  # now with the real size
         from ..distributed import current
 
         report = pruner.prune(
@@ -525,10 +527,6 @@ def _checkpoint_bytes(source: Path | None) -> int | None:
     if source is None:
         return None
     return sum(p.stat().st_size for p in source.glob("*.safetensors")) or None
-
-
-def _model_bytes(model: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _dataset_description(args: Any) -> str:
