@@ -50,7 +50,7 @@ def test_shearing_trainer_three_groups_logs_and_saves(tmp_path, train_data):
     lambda_ids = {id(p) for p in trainer.shearing.lagrangian.parameters()}
     assert len(groups) == 4  # the Trainer's weight groups (decay / no decay), gate logits, multipliers
     assert [g["initial_lr"] for g in groups if {id(p) for p in g["params"]} in (gate_ids, lambda_ids)] == [1.0, 1.0]
-    assert trainer.shearing.penalty_scale == 0.5
+    assert trainer.shearing.penalty_in_loss is False  # applied once per optimiser step by the callback
     assert any(not torch.equal(before[k], p) for k, p in trainer.shearing.gates.log_alpha.items())
     assert trainer.shearing.lagrangian.values()["lambda_2/layer"] > 0
     logged = [entry for entry in trainer.state.log_history if "shear/expected/num_hidden_layers" in entry]
@@ -169,8 +169,8 @@ def test_gate_and_multiplier_gradients_are_per_step(tmp_path, train_data):
         args=_args(tmp_path, max_steps=4, lr_scheduler_type="constant"),
         shearing_config=TARGET,
         train_dataset=train_data,
-        callbacks=[Spy()],
     )
+    trainer.add_callback(Spy())  # after the shearing callback, which adds the Lagrangian's gradient before the step
     trainer.train()
     assert len(seen) == 4
     for grad, gap in seen:  # d/dlambda_1 of lambda_1 * (s - t), negated for ascent: this step's -(s - t)

@@ -229,6 +229,10 @@ class MultiDomainDataset(torch.utils.data.IterableDataset):
         self._live = torch.zeros(self.max_workers, 1 + k, dtype=torch.int64).share_memory_()
         self._history = torch.full((self.max_workers, self.history_size, 2 + k), -1, dtype=torch.int64)
         self._history.share_memory_()
+        # The weights each recorded sample was drawn with: a checkpoint carries those of the samples drawn ahead of
+        # the trainer (prefetched), and a resumed stream draws them again with the same weights (``_replay``).
+        self._drawn_with = torch.zeros(self.max_workers, self.history_size, k, dtype=torch.float64).share_memory_()
+        self._replay: dict[int, tuple[int, list[list[float]]]] = {}
         # [0]: streams W of the last iteration, [1]: W the loaded state was saved with (0 = any), [2]: rotation r
         # (loader worker i plays stream (i + r) % W, so that a resumed loader continues the round-robin).
         self._meta = torch.zeros(3, dtype=torch.int64).share_memory_()
@@ -272,11 +276,14 @@ class MultiDomainDataset(torch.utils.data.IterableDataset):
             cache[domain] = (epoch, np.random.default_rng([self.seed, domain, epoch]).permutation(count))
         return cache[domain][1]
 
-    def _draw_domain(self, worker: int, draw: int) -> int:
+    def _draw_domain(self, worker: int, draw: int) -> tuple[int, np.ndarray]:
         weights = self._weights.numpy().copy()  # a snapshot: the main process may write at any time
+        first, replay = self._replay.get(worker, (0, []))
+        if first <= draw < first + len(replay):
+            weights = np.asarray(replay[draw - first], dtype=np.float64)
         cdf = np.cumsum(weights / weights.sum())
         u = np.random.default_rng([self.seed, worker, draw]).random()
-        return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
+        return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1), weights
 
     def _record(self, worker: int, tag: int, state: torch.Tensor) -> None:
         self._live[worker] = state
@@ -310,7 +317,7 @@ class MultiDomainDataset(torch.utils.data.IterableDataset):
         cache: dict[int, tuple[int, np.ndarray]] = {}
         produced = 0
         while True:
-            domain = self._draw_domain(worker, int(state[0]))
+            domain, weights = self._draw_domain(worker, int(state[0]))
             count = self.num_sequences[self.domain_names[domain]]
             shard = len(range(worker, count, streams))
             epoch, position = divmod(int(state[1 + domain]), shard)
@@ -326,6 +333,7 @@ class MultiDomainDataset(torch.utils.data.IterableDataset):
             state[0] += 1
             state[1 + domain] += 1
             produced += 1
+            self._drawn_with[worker, produced % self.history_size] = torch.from_numpy(weights)
             self._record(worker, produced, state)
             yield {"input_ids": torch.from_numpy(tokens)}
 
@@ -341,13 +349,21 @@ class MultiDomainDataset(torch.utils.data.IterableDataset):
             batch_size: Samples per batch (``per_device_train_batch_size``).
 
         Returns:
-            A JSON-serialisable dict; ``cursors`` (sequences taken per domain, all streams) is for reading only.
+            A JSON-serialisable dict; ``cursors`` (sequences taken per domain, all streams) is for reading only;
+            ``replay`` holds, per stream, the weights of the samples drawn ahead of the trainer, which a resumed
+            stream draws again with those same weights (so that a resume equals the uninterrupted run even though
+            the data loader prefetched them before a weight update).
 
         Raises:
             RuntimeError: A stream ran more than ``history_size`` samples ahead of the trainer.
         """
         streams = max(int(self._meta[0]), int(self._meta[1]), 1)
         rows = self._live[:streams].clone()
+        replay: dict[str, list[list[float]]] = {}
+        for worker, (first, weights) in self._replay.items():  # loaded and not yet drawn again
+            pending = weights[max(0, int(rows[worker, 0]) - first) :] if worker < streams else []
+            if pending:
+                replay[str(worker)] = pending
         if consumed_batches is not None:
             _positive_int("consumed_batches", consumed_batches, 0)
             _positive_int("batch_size", batch_size)
@@ -364,6 +380,11 @@ class MultiDomainDataset(torch.utils.data.IterableDataset):
                         f"trainer (wanted sample {tag}, found {int(entry[0])}); raise history_size"
                     )
                 rows[worker] = entry[1:]
+                ahead = self._ahead(worker, tag)
+                if ahead:
+                    replay[str(worker)] = ahead
+                else:
+                    replay.pop(str(worker), None)
         return {
             "format": STATE_FORMAT,
             "domains": list(self.domain_names),
@@ -375,7 +396,16 @@ class MultiDomainDataset(torch.utils.data.IterableDataset):
             "draws": rows[:, 0].tolist(),
             "stream_cursors": rows[:, 1:].tolist(),
             "cursors": dict(zip(self.domain_names, rows[:, 1:].sum(dim=0).tolist(), strict=True)),
+            "replay": replay,
         }
+
+    def _ahead(self, worker: int, tag: int) -> list[list[float]]:
+        """The weights of the samples ``worker`` drew after sample ``tag`` (prefetched, not yet consumed)."""
+        live = int(self._live[worker, 0]) - int(self._history[worker, tag % self.history_size, 1])
+        produced = [
+            t for t in range(tag + 1, tag + 1 + live) if int(self._history[worker, t % self.history_size, 0]) == t
+        ]
+        return [self._drawn_with[worker, t % self.history_size].tolist() for t in produced]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore weights, draw counters and cursors from :meth:`state_dict` (before iterating).
@@ -400,4 +430,6 @@ class MultiDomainDataset(torch.utils.data.IterableDataset):
         self._live[:streams, 1:] = torch.tensor(state["stream_cursors"], dtype=torch.int64)
         self._history.fill_(-1)
         self._flags.zero_()
+        draws = [int(d) for d in state["draws"]]
+        self._replay = {int(w): (draws[int(w)], list(v)) for w, v in (state.get("replay") or {}).items() if v}
         self._meta.copy_(torch.tensor([streams, streams, int(state.get("rotation", 0)) % streams]))

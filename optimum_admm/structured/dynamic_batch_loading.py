@@ -204,7 +204,10 @@ class DynamicBatchLoadingCallback(TrainerCallback, ExportableState):
     the Trainer's own fast-forward would skip those batches a second time) and the default
     ``restore_callback_states_from_checkpoint=False``. The state (weights, draw counters, cursors, trajectory)
     is stored in ``trainer_state.json`` of every checkpoint and restored by ``train(resume_from_checkpoint=...)``.
-    One training process (one device); ``dataloader_in_order=True`` (the default).
+    ``dataloader_in_order=True`` (the default). Several processes (``torchrun``, DDP): every rank updates with the
+    same gathered metrics and takes rank 0's weights, so the mixture is identical everywhere; each rank trains on
+    its part of every global batch drawn from it; a checkpoint records the stream position of the whole global
+    batch, so a resume is exact with any number of processes that keeps the global batch (``tests/shear_worker.py``).
 
     Attributes:
         trajectory: One entry per update: ``{"step", "losses", "reference_losses", "gaps", "weights"}``; the
@@ -252,6 +255,7 @@ class DynamicBatchLoadingCallback(TrainerCallback, ExportableState):
             new = update_domain_weights(
                 old, loss_vector, ref_vector, self.config.rule, self.config.step_size, self.config.smoothing
             )
+        new = self._agree(new)
         self.dataset.set_weights(new)
         weights = dict(zip(names, new.tolist(), strict=True))
         gaps = None if reference is None else {n: float(losses[n]) - reference[n] for n in names}
@@ -270,6 +274,18 @@ class DynamicBatchLoadingCallback(TrainerCallback, ExportableState):
             self.config.rule,
             ", ".join(f"{n}={w:.4f}" for n, w in weights.items()),
         )
+        return weights
+
+    @staticmethod
+    def _agree(weights: torch.Tensor) -> torch.Tensor:
+        """Rank 0's new weights on every process (the Trainer's gathered metrics already agree; this makes the
+        mixture's single source of truth explicit). One process: unchanged."""
+        from ..distributed import current
+
+        group = current()
+        if group.enabled:
+            weights = weights.clone().to(torch.float64)
+            group.broadcast_(weights, src=0)
         return weights
 
     # ------------------------------------------------------------------ Trainer events
@@ -321,7 +337,14 @@ class DynamicBatchLoadingCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """What ``Trainer`` writes into ``trainer_state.json`` at each checkpoint (JSON only)."""
         if self._args is not None and self._state is not None:
-            consumed = (self._state.global_step - self._start_step) * self._args.gradient_accumulation_steps
+            # Every optimiser step takes gradient_accumulation_steps batches per process from the one sample stream
+            # (accelerate hands rank r its part of each global batch, whether rank 0 dispatches the batches or every
+            # rank reads the stream and keeps its shard), so the stream has advanced by this many batches:
+            consumed = (
+                (self._state.global_step - self._start_step)
+                * self._args.gradient_accumulation_steps
+                * max(1, self._args.world_size)
+            )
             data_state = self.dataset.state_dict(consumed, self._args.per_device_train_batch_size)
         else:
             data_state = self.dataset.state_dict()

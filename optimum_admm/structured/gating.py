@@ -12,7 +12,14 @@ registers hooks on a LLaMA-like model:
   embedding output;
 * every residual-stream RMSNorm is replaced, through a forward hook, by a masked RMSNorm whose mean of squares runs
   over the hidden channels with a non-zero gate and whose output is multiplied by the hidden gate;
-* an output hook adds the Lagrangian to ``outputs.loss`` in training mode.
+* in a hand-written loop (``penalty_in_loss=True``, the default) an output hook adds the Lagrangian to
+  ``outputs.loss`` in training mode. Under ``transformers.Trainer`` the callback turns that off and instead, once per
+  optimiser step, averages the gate gradients over the processes (as DDP averages the weights' gradients) and adds
+  the Lagrangian's gradient once (:meth:`ShearingModule.finish_gradients`): the balance between the LM loss and the
+  constraint is then the same for any gradient accumulation, number of processes and token averaging.
+
+Gate draws come from each process's global torch RNG, exactly like dropout's, so every rank draws its own sample
+and the Trainer's RNG checkpoints make a resume exact.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GATE_MODES", "ShearingModule", "masked_rms_norm"]
 
-GATE_MODES = ("auto", "sample", "final")
+GATE_MODES = ("auto", "sample", "final", "median")
 STATE_FILE = "shearing_state.safetensors"
 CONFIG_FILE = "shearing_config.json"
 
@@ -74,9 +81,11 @@ class ShearingModule(nn.Module):
         plan: The recipe resolved against the source model (:meth:`ShearingConfig.plan`).
 
     Attributes:
-        gate_mode: ``"auto"`` (sample in training mode, final gates in eval mode), ``"sample"`` or ``"final"``.
+        gate_mode: ``"auto"`` (sample in training mode, final gates in eval mode), ``"sample"``, ``"final"`` or
+            ``"median"`` (the noise-free draw ``u = 1/2``: deterministic, for reproducibility checks).
         num_samples: How many gate draws have been made (one per model forward).
-        penalty_scale: Factor on the Lagrangian added to the loss (``1 / gradient_accumulation_steps``).
+        penalty_in_loss: Add the Lagrangian to ``outputs.loss`` of every training forward (for hand-written loops).
+            The Trainer integration sets it to ``False`` and applies the Lagrangian once per optimiser step.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -103,7 +112,7 @@ class ShearingModule(nn.Module):
         self.lagrangian = LagrangianMultipliers(plan.structures)
         self.gate_mode = "auto"
         self.num_samples = 0
-        self.penalty_scale = 1.0
+        self.penalty_in_loss = True
         self.step, self.total_steps = 0, 1
         self.last_metrics: dict[str, float] = {}
         self._z: dict[str, torch.Tensor] = {}
@@ -124,9 +133,11 @@ class ShearingModule(nn.Module):
 
     def _draw(self, training: bool) -> dict[str, torch.Tensor]:
         mode = self.gate_mode if self.gate_mode != "auto" else ("sample" if training else "final")
-        if mode not in ("sample", "final"):
+        if mode not in GATE_MODES[1:]:
             raise ValueError(f"gate_mode={self.gate_mode!r} is unknown; allowed: {GATE_MODES}")
         self.num_samples += mode == "sample"
+        if mode == "median":
+            return self.gates.median()
         return self.gates.sample() if mode == "sample" else self.final_gates()
 
     def _scale(self, layer: int) -> torch.Tensor | None:
@@ -195,9 +206,8 @@ class ShearingModule(nn.Module):
 
     def _on_model_end(self, model: nn.Module, args: Any, output: Any) -> Any:
         loss = output.get("loss") if isinstance(output, dict) else None
-        if model.training and loss is not None:
-            penalty = self.penalty()
-            output["loss"] = loss + self.penalty_scale * penalty.to(loss.dtype)
+        if model.training and loss is not None and self.penalty_in_loss:
+            output["loss"] = loss + self.penalty().to(loss.dtype)
         return output
 
     def _input_hook(self, gate_fn: Any) -> Any:
@@ -247,6 +257,41 @@ class ShearingModule(nn.Module):
         metrics["shear/lagrangian"] = float(value.detach())
         self.last_metrics = metrics
         return value
+
+    def finish_gradients(self) -> None:
+        """Once per optimiser step, before it: average the gate and multiplier gradients over the processes (the
+        LM loss's share; DDP does the same for the weights), then add the Lagrangian's gradient once.
+
+        The LM loss's gradient arrives already normalised by the Trainer over the whole global batch; the Lagrangian
+        does not depend on the data, so its gradient is added once, whatever the gradient accumulation, number of
+        processes or token averaging. One process: no communication.
+        """
+        from ..distributed import current
+
+        group = current()
+        params = list(self.parameters())
+        if group.enabled:
+            flat = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+            )
+            group.all_reduce_(flat)
+            flat /= group.world_size
+            offset = 0
+            for p in params:
+                count = p.numel()
+                p.grad = flat[offset : offset + count].view_as(p).to(p.dtype).clone()
+                offset += count
+        self.penalty().backward()
+
+    def broadcast_from_rank_zero(self) -> None:
+        """Give every process rank 0's gate logits and multipliers (at the start of training: one source of truth)."""
+        from ..distributed import current
+
+        group = current()
+        if group.enabled:
+            with torch.no_grad():
+                for param in self.parameters():
+                    group.broadcast_(param.data, src=0)
 
     def expected_shape(self) -> dict[str, float]:
         """The expected dimensions under the current gate logits."""

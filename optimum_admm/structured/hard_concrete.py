@@ -154,6 +154,19 @@ class HardConcreteGates(nn.Module):
             for name, param in self.log_alpha.items()
         }
 
+    def median(self) -> dict[str, torch.Tensor]:
+        """The noise-free draw (``u = 1/2``, so ``s = sigmoid(a / beta)``), differentiable and deterministic.
+
+        For reproducibility checks (two launch configurations give bitwise comparable gradients) and debugging;
+        training uses :meth:`sample`.
+        """
+        self.clamp_()
+        out = {}
+        for name, param in self.log_alpha.items():
+            s = torch.sigmoid(param.float() / self.temperature)
+            out[name] = (s * (self.limit_right - self.limit_left) + self.limit_left).clamp(0.0, 1.0)
+        return out
+
     def keep_probabilities(self) -> dict[str, torch.Tensor]:
         """Closed-form ``P(z != 0)`` for every structure (differentiable)."""
         return {name: prob_nonzero(param, **self._constants()) for name, param in self.log_alpha.items()}

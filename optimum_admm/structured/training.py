@@ -3,9 +3,16 @@
 :class:`ShearingTrainer` attaches a :class:`~optimum_admm.structured.gating.ShearingModule` to the model and trains
 one AdamW with three parameter groups: the model weights (``args.learning_rate``), the gate logits
 (``gate_learning_rate``, no weight decay) and the Lagrange multipliers (``lambda_learning_rate``, ascent through
-their gradient-negating hooks). The Lagrangian enters the loss through the module's output hook; the logs carry the
-expected shape vs the target, the multipliers and how binary the gates are (keys ``shear/...``). The gates are saved
-beside every checkpoint (``shearing_state.safetensors``).
+their gradient-negating hooks). The logs carry the expected shape vs the target, the multipliers and how binary the
+gates are (keys ``shear/...``). The gates are saved beside every checkpoint (``shearing_state.safetensors``).
+
+Several processes (``torchrun``, ``accelerate launch``; DDP): the gates and multipliers start from rank 0's values,
+their gradients are averaged over the processes before every optimiser step (as DDP averages the weights'), and the
+Lagrangian's gradient is added once per step, outside the loss the Trainer rescales
+(:meth:`~optimum_admm.structured.gating.ShearingModule.finish_gradients`). So the update of one global batch is
+the same however it is split over gradient accumulation and processes, and every rank holds the same gates.
+Each rank draws its own hard-concrete sample from its RNG, like dropout. FSDP is refused at the start of training:
+the gates live outside the wrapped model and their synchronisation is built and tested for DDP only.
 
 :class:`ShearingCallback` gives the same training to any existing ``Trainer`` (when subclassing is not possible): it
 attaches the gates, keeps the warm-up in step, steps its own AdamW for gates and multipliers right after the
@@ -70,18 +77,29 @@ class ShearingCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "fsdp", None):
+            raise ValueError(
+                f"fsdp={args.fsdp!r} is not supported by Sheared-LLaMA training: its gate synchronisation is built and "
+                "tested for DDP (the default under torchrun); leave fsdp unset"
+            )
         if model is not None:
             self.shearing.to(next(model.parameters()).device)
             if not self.shearing.attached:
                 self.shearing.attach(model)
-            # The model's loss is normalised over the whole accumulated batch; the penalty is added per micro-batch.
-            self.shearing.penalty_scale = 1.0 / args.gradient_accumulation_steps
+        # The Lagrangian is applied once per optimiser step (finish_gradients), not inside the loss the Trainer
+        # rescales by gradient accumulation, processes and token counts.
+        self.shearing.penalty_in_loss = False
+        if state.global_step == 0:
+            self.shearing.broadcast_from_rank_zero()
         if self.own_optimizer and self.optimizer is None:
             self.optimizer = torch.optim.AdamW(shearing_param_groups(self.shearing))
         self.shearing.set_progress(state.global_step, state.max_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.shearing.set_progress(state.global_step, state.max_steps)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.shearing.finish_gradients()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.optimizer is not None:
