@@ -192,13 +192,19 @@ def read_pruning_metadata(
 def load_pruning_config(
     save_dir: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
 ) -> PruningConfig:
-    """Rebuild the recipe (the config object) a pruned model was made with, from a local directory or a Hub repo.
+    """Rebuild the recipe (the config object) a pruned model was made with, from a local directory or a Hub repo
+    (a :class:`~optimum_admm.structured.ShearingConfig` for a sheared model).
 
     Example:
         >>> load_pruning_config("smollm2-admm-60")  # doctest: +SKIP
         ADMMConfig(sparsity=0.6, mask_structure='unstructured', ...)
     """
-    return PruningConfig.from_dict(read_pruning_metadata(save_dir, revision=revision, token=token)["config"])
+    config = read_pruning_metadata(save_dir, revision=revision, token=token)["config"]
+    if config.get("method") == "sheared_llama":  # a model saved by Sheared-LLaMA: its ShearingConfig
+        from .structured.configuration import ShearingConfig
+
+        return ShearingConfig.from_dict(config)  # type: ignore[return-value]
+    return PruningConfig.from_dict(config)
 
 
 def _pack_masks(model: nn.Module, report: PruningReport) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -76,7 +76,7 @@ class InspectionReport:
         if not self.pruned:
             return "not pruned (no pruning section, no sidecar, no sparse decoder layers)"
         kinds = ", ".join(f"{kind} {value:.1%}" for kind, value in sorted(self.sparsity_by_kind.items()))
-        structure = self.recipe.get("mask_structure", "?")
+        structure = self.recipe.get("mask_structure", "structured" if self.method == "sheared_llama" else "?")
         return f"pruned with {self.method} ({structure}); sparsity ({self.source}): {kinds}; {len(self.layers)} layers"
 
 

@@ -223,6 +223,58 @@ def test_shear_inline_target_in_a_real_process(dense_dir, tmp_path):
     _assert_sheared(out, result.stdout)
 
 
+def test_shear_evaluates_writes_card_and_sidecar_and_pushes_to_the_hub(dense_dir, tmp_path):
+    """The sheared output is Hub-native: card, sidecar, config section, no training-only flags, one push."""
+    from huggingface_hub import ModelCard
+
+    from optimum_admm import inspect
+    from optimum_admm.export import load_pruning_config
+    from optimum_admm.structured import ShearingConfig
+
+    out = tmp_path / "sheared"
+    inline = ",".join(f"{key}={value}" for key, value in HALF.items())
+    with HubServer({TOKEN}) as hub:
+        env = {**online_environment(), "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+        result = _run(
+            "admm", "shear",
+            "--model", str(dense_dir / "dense"),
+            "--target-config", inline,
+            "--dataset", str(dense_dir / "calib.txt"),
+            "--eval-dataset", str(dense_dir / "calib.txt"),
+            "--eval-max-tokens", "128",
+            "--output", str(out),
+            "--push-to-hub", "org/sheared",
+            *SHEAR_FAST,
+            env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert TOKEN not in result.stdout + result.stderr
+        assert "pushed to org/sheared" in result.stdout and "perplexity on calib.txt" in result.stdout
+        pushed = hub.state.files("org/sheared")
+    _assert_sheared(out, result.stdout)
+    assert pushed["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert {"README.md", "pruning_config.json", "shearing_config.json", "shearing_state.safetensors"} <= set(pushed)
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("use_cache", True) is True  # the Trainer's use_cache=False is not persisted
+    assert config["pruning"]["method"] == "sheared_llama"
+    meta = json.loads((out / "pruning_config.json").read_text())
+    assert meta["method"] == "sheared_llama" and meta["target_shape"]["num_hidden_layers"] == 1
+    assert meta["source_shape"]["num_hidden_layers"] == 2
+    assert meta["training"] == {"steps": 3, "tokens_seen": 3 * 4 * 32}
+    assert meta["parameters"]["sheared"] < meta["parameters"]["source"]
+    assert meta["gates"]["trajectory"] and meta["evaluation"]["calib.txt"]["perplexity"] > 1
+    assert meta["gates"]["far_from_target"]  # 3 steps cannot reach the target: recorded, and warned about
+    assert "far from the target" in result.stderr
+    card = ModelCard.load(out / "README.md")
+    assert "sheared-llama" in card.data.tags and card.data.eval_results
+    assert 'from_pretrained("org/sheared")' in card.text and "2 → 1" in card.text
+    assert isinstance(load_pruning_config(out), ShearingConfig)
+    assert ShearingConfig.from_pretrained(out).num_hidden_layers == 1
+    report = inspect(out)
+    assert report.pruned and report.method == "sheared_llama" and "structured" in str(report)
+
+
 @pytest.mark.parametrize("kind", ["model-config", "shearing-config"])
 def test_shear_json_target_with_the_console_script(kind, dense_dir, tmp_path, capsys):
     from transformers import AutoConfig
@@ -273,7 +325,7 @@ def test_shear_json_target_with_the_console_script(kind, dense_dir, tmp_path, ca
         (["--target-config", "lagrangian_warmup=2"], "lagrangian_warmup=2.0 is out of range"),
         (["--target-config", "num_hidden_layers=4"], "target num_hidden_layers=4 exceeds the source model's 2"),
         (["--target-config", "num_hidden_layers=2"], "nothing to prune"),
-        (["--target-config", "{json}"], "has unknown keys ['layers']; allowed keys: num_hidden_layers"),
+        (["--target-config", "{json}"], "ShearingConfig has no field 'layers'; allowed: num_hidden_layers"),
         (["--dataset", "no-such-file.txt"], "argument --dataset: 'no-such-file.txt' is neither"),
         (["--steps", "0"], "argument --steps: '0' is invalid"),
         (["--learning-rate", "-1"], "argument --learning-rate: '-1' is invalid"),

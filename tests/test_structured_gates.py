@@ -126,7 +126,7 @@ def test_lagrangian_below_target_ascends_lambda_and_lowers_gate_logits():
 
 
 def test_lagrangian_above_target_raises_lambda_and_raises_gate_logits():
-    history = _lagrangian_steps(-4.0, target_layers=2, steps=2)  # all gates off: s_hat ~ 1 > t = 0
+    history = _lagrangian_steps(-4.0, target_layers=1, steps=2)  # all gates off: s_hat ~ 1 > t = 0.5
     assert history[0][0] > 0
     assert bool((history[1][1] > -4.0).all())
 

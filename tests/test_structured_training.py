@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import build_tiny_model, make_text
@@ -94,8 +96,60 @@ def test_shear_end_to_end_writes_a_standard_model(tmp_path, train_data):
     )
     assert result.model.config.num_hidden_layers == 1 and len(result.history) == 3
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert reloaded.config.intermediate_size == 32
+    assert reloaded.config.intermediate_size == 32 and reloaded.config.use_cache is True
     assert (tmp_path / "shearing_config.json").exists() and (tmp_path / "shearing_state.safetensors").exists()
+    meta = json.loads((tmp_path / "pruning_config.json").read_text())
+    assert meta["method"] == "sheared_llama" and meta["training"]["steps"] == 3
+    assert [point["step"] for point in meta["gates"]["trajectory"]] == [1, 2, 3]
+    assert (tmp_path / "README.md").is_file()
+
+
+def test_result_save_pretrained_is_staged_warns_far_from_target_and_checks_first(tmp_path, train_data, caplog):
+    import logging
+
+    from huggingface_hub import ModelCard
+
+    result = shear(
+        build_tiny_model("llama"),
+        ShearingConfig(num_hidden_layers=1, intermediate_size=32),
+        train_data,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    with pytest.raises(ValueError, match="push_to_hub=True needs repo_id"):
+        result.save_pretrained(tmp_path / "a", push_to_hub=True)
+    with pytest.raises(ValueError, match=r"evaluation_results\['ppl'\]"):
+        result.save_pretrained(tmp_path / "a", evaluation_results={"ppl": "low"})
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    with caplog.at_level(logging.WARNING, logger="optimum_admm.structured.export"):
+        path = result.save_pretrained(tmp_path / "a", evaluation_results={"wikitext2": 123.0}, license="mit")
+    # two steps cannot move the gates to the target: said, with the numbers, and recorded in the sidecar
+    assert "far from the target" in caplog.text and "num_hidden_layers 1.99" in caplog.text
+    meta = json.loads((path / "pruning_config.json").read_text())
+    assert set(meta["gates"]["far_from_target"]) >= {"num_hidden_layers", "intermediate_size"}
+    card = ModelCard.load(path / "README.md")
+    assert card.data.license == "mit" and card.data.eval_results[0].metric_value == 123.0
+    with pytest.raises(ValueError, match="non-empty directory"):
+        result.save_pretrained(path)
+
+
+def test_shearing_config_is_strict_for_user_files_and_refuses_a_no_op_target(tmp_path):
+    with pytest.raises(ValueError, match="no field 'num_hidden_layer'"):
+        ShearingConfig.from_dict({"num_hidden_layer": 1}, strict=True)
+    with pytest.warns(UserWarning, match="Ignoring unknown ShearingConfig keys"):
+        ShearingConfig.from_dict({"num_hidden_layers": 1, "from_the_future": 3})
+    with pytest.raises(ValueError, match="not a Sheared-LLaMA recipe"):
+        ShearingConfig.from_dict({"method": "admm"})
+    config = ShearingConfig(num_hidden_layers=1, lagrangian_warmup=0.5)
+    config.save_pretrained(tmp_path)
+    assert ShearingConfig.from_pretrained(tmp_path) == config
+    model = build_tiny_model("llama")
+    with pytest.raises(ValueError, match="nothing to prune"):
+        ShearingModule.from_model(model, ShearingConfig(num_hidden_layers=2))
+    with pytest.raises(ValueError, match="nothing to prune"):
+        ShearingTrainer(model=model, args=_args(tmp_path), shearing_config=ShearingConfig())
 
 
 def test_resume_from_checkpoint_restores_gates_and_multipliers(tmp_path, train_data):

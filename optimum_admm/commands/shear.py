@@ -15,6 +15,7 @@ from ._arguments import (
     _dataset_key,
     _positive_float,
     _positive_int,
+    _texts,
 )
 from ._boundary import GuardedCommand, add_debug_flag
 
@@ -79,14 +80,12 @@ def _shearing_config(text: str) -> Any:
             if not shape:
                 raise ValueError(f"{text!r} is a model config without any of {', '.join(SHAPE_FIELDS)}")
             return ShearingConfig(**shape)
-        if "method" in data or "optimum_admm_version" in data:  # written by ShearingConfig.to_json()
-            if data.get("method", "sheared_llama") != "sheared_llama":
-                raise ValueError(f"{text!r} is a {data['method']!r} recipe, not a Sheared-LLaMA one")
-            return ShearingConfig.from_dict(data)
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ValueError(f"{text!r} has unknown keys {unknown}; {allowed} (or a transformers config.json)")
-        return ShearingConfig(**data)
+        if data.get("method", "sheared_llama") != "sheared_llama":
+            raise ValueError(f"{text!r} is a {data['method']!r} recipe, not a Sheared-LLaMA one")
+        try:  # a recipe a user wrote (or ShearingConfig.to_json()): an unknown key is a typo, refused
+            return ShearingConfig.from_dict(data, strict=True)
+        except ValueError as err:
+            raise ValueError(f"{text!r}: {err} (or give a transformers config.json of the target shape)") from None
     values: dict[str, Any] = {}
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
@@ -148,6 +147,19 @@ class ShearCommand(GuardedCommand):
         parser.add_argument("--output", required=True, help="Directory to save the sheared model to.")
         parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output directory.")
         parser.add_argument(
+            "--eval-dataset",
+            type=_dataset,
+            default=None,
+            help="Measure the sheared model's perplexity on this dataset and record it in the card (default: skip).",
+        )
+        parser.add_argument(
+            "--eval-max-tokens", type=_positive_int, default=None, help="Evaluate only the first N tokens."
+        )
+        parser.add_argument("--base-model", default=None, help="Hub id of the source model, for the model card.")
+        parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Also push to this Hub repo.")
+        parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+        parser.add_argument("--revision", default=None, help="Branch of the Hub repo to push to (default: main).")
+        parser.add_argument(
             "--trust-remote-code", action="store_true", help="Allow custom model code from the Hub (off by default)."
         )
         parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
@@ -167,6 +179,14 @@ class ShearCommand(GuardedCommand):
             check_save_dir(args.output, args.overwrite)
         except ValueError as err:
             self.parser.error(f"argument --output: {err}")
+        if args.push_to_hub is not None:
+            from ..hub import check_push_arguments, require_token
+
+            try:
+                check_push_arguments(args.push_to_hub, revision=args.revision)
+            except ValueError as err:
+                self.parser.error(f"argument --push-to-hub: {err}")
+            require_token(parameter="--push-to-hub")
         try:
             model_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as err:
@@ -175,10 +195,6 @@ class ShearCommand(GuardedCommand):
             plan = config.plan(model_config)
         except ValueError as err:
             self.parser.error(f"argument --target-config: {err}")
-        if plan.target == plan.source:
-            self.parser.error(
-                f"argument --target-config: the target equals the source shape {plan.source}; nothing to prune"
-            )
         limit = getattr(model_config, "max_position_embeddings", None)
         if isinstance(limit, int) and args.sequence_length > limit:
             self.parser.error(
@@ -194,8 +210,8 @@ class ShearCommand(GuardedCommand):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..calibration import load_named_texts
-        from ..export import staged_directory
-        from ..structured.api import pack_tokens, shear
+        from ..distributed import current
+        from ..structured.api import _commit_message, pack_tokens, shear
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         if args.dataset in _NAMED_DATASETS:
@@ -213,26 +229,64 @@ class ShearCommand(GuardedCommand):
         model = AutoModelForCausalLM.from_pretrained(
             args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
         )
-        before = _count_parameters(model)
-        target = Path(args.output).resolve()
-        with staged_directory(target) as staging:
-            result = shear(
-                model,
-                config,
-                data,
-                max_steps=args.steps,
-                output_dir=staging,
-                learning_rate=args.learning_rate,
-                per_device_train_batch_size=args.batch_size,
-                gradient_accumulation_steps=args.gradient_accumulation_steps,
-                logging_steps=args.logging_steps,
-                seed=args.seed,
-                disable_tqdm=args.no_progress,
-                dataloader_pin_memory=torch.cuda.is_available(),
+        result = shear(
+            model,
+            config,
+            data,
+            max_steps=args.steps,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            logging_steps=args.logging_steps,
+            seed=args.seed,
+            disable_tqdm=args.no_progress,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        if not current().is_main:
+            return  # every rank holds the same gates and weights: rank 0 evaluates, saves and pushes
+        evaluation = None
+        if args.eval_dataset is not None:
+            from ..evaluation import perplexity
+
+            measured = perplexity(
+                result.model.eval(),
+                tokenizer,
+                _texts(args.eval_dataset),
+                sequence_length=args.sequence_length,
+                max_tokens=args.eval_max_tokens,
+                show_progress=not args.no_progress,
             )
-            tokenizer.save_pretrained(staging)
+            evaluation = {_dataset_key(args.eval_dataset): measured}
+            print(f"perplexity on {_dataset_key(args.eval_dataset)}: {measured.perplexity:.4f}")
+        base_model = args.base_model
+        if base_model is None and not Path(args.model).exists():
+            base_model = args.model
+        target = result.save_pretrained(
+            args.output,
+            tokenizer=tokenizer,
+            overwrite=args.overwrite,
+            evaluation_results=evaluation,
+            base_model=base_model,
+            repo_id=args.push_to_hub,
+        )
         after = _count_parameters(result.model)
+        before = result.source_parameters or after
         shape = ", ".join(f"{name} {plan.source[name]} -> {plan.target[name]}" for name in plan.source)
         print(f"shape: {shape}")
         print(f"parameters: {before:,} -> {after:,} ({after / before:.1%})")
         print(f"saved to {target}")
+        if args.push_to_hub is not None:
+            from ..errors import HubError
+            from ..hub import push_folder_to_hub
+
+            try:
+                info = push_folder_to_hub(
+                    target,
+                    args.push_to_hub,
+                    private=True if args.private else None,
+                    revision=args.revision,
+                    commit_message=_commit_message(result.metadata(evaluation)),
+                )
+            except OSError as err:  # the model is saved: say where, so the push can be retried
+                raise HubError(f"{err} (the sheared model is saved in {target})") from None
+            print(f"pushed to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")

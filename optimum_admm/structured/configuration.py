@@ -22,12 +22,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..version import __version__
 
+CONFIG_FILE = "shearing_config.json"
 STRUCTURES: tuple[str, ...] = ("layer", "head", "intermediate", "hidden")
 HEAD_GATINGS: tuple[str, ...] = ("auto", "kv_group", "query")
 TIED_POLICIES: tuple[str, ...] = ("binarize", "untie")
@@ -181,16 +184,59 @@ class ShearingConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShearingConfig:
-        """Rebuild a config; keys this version does not know are ignored with a warning."""
-        data = {k: v for k, v in data.items() if k not in ("method", "optimum_admm_version")}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict[str, Any], strict: bool = False) -> ShearingConfig:
+        """Rebuild a config; keys this version does not know are ignored with a warning (refused when ``strict``,
+        as for a recipe file a user wrote, where an unknown key is a typo), like the pruning configs.
+
+        Example:
+            >>> ShearingConfig.from_dict({"num_hidden_layer": 2}, strict=True)
+            Traceback (most recent call last):
+            ...
+            optimum_admm.errors.InvalidArgumentError: ShearingConfig has no field 'num_hidden_layer'; allowed: ...
+        """
+        from ..errors import InvalidArgumentError
+
+        data = dict(data)
+        method = data.pop("method", "sheared_llama")
+        data.pop("optimum_admm_version", None)
+        if method != "sheared_llama":
+            raise InvalidArgumentError(f"method={method!r} is not a Sheared-LLaMA recipe; allowed: 'sheared_llama'")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown and strict:
+            raise InvalidArgumentError(
+                f"ShearingConfig has no field {', '.join(map(repr, unknown))}; allowed: {', '.join(known)}"
+            )
         if unknown:
             warnings.warn(
                 f"Ignoring unknown ShearingConfig keys {unknown} (written by a newer version?)", stacklevel=2
             )
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``shearing_config.json`` into ``save_directory`` (created if missing); returns the file."""
+        from ..files import atomic_write
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONFIG_FILE
+        text = self.to_json() + "\n"
+        return atomic_write(path, lambda staging: staging.write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+    ) -> ShearingConfig:
+        """Load ``shearing_config.json`` from a local directory or a Hub repo (a sheared model or a saved recipe).
+
+        Example:
+            >>> ShearingConfig.from_pretrained("me/smollm2-sheared-56m").num_hidden_layers  # doctest: +SKIP
+            24
+        """
+        from ..hub_files import saved_file
+
+        path = saved_file(name_or_path, CONFIG_FILE, revision=revision, token=token)
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
     def plan(self, model_config: Any) -> ShearingPlan:
         """Resolve the target against the source model's config (a ``PretrainedConfig``).
@@ -247,6 +293,11 @@ class ShearingPlan:
                 raise ValueError(f"source model config has no integer {name}; Sheared-LLaMA needs a LLaMA-like config")
             source[name] = value
         target = {name: source[name] if getattr(config, name) is None else getattr(config, name) for name in source}
+        if target == source:
+            raise ValueError(
+                f"the target equals the source shape {source}; nothing to prune (set at least one of "
+                f"{', '.join(SHAPE_FIELDS)} below the source's)"
+            )
         for name in SHAPE_FIELDS:
             if target[name] > source[name]:
                 raise ValueError(f"target {name}={target[name]} exceeds the source model's {source[name]}")

@@ -53,7 +53,6 @@ __all__ = ["GATE_MODES", "ShearingModule", "masked_rms_norm"]
 
 GATE_MODES = ("auto", "sample", "final", "median")
 STATE_FILE = "shearing_state.safetensors"
-CONFIG_FILE = "shearing_config.json"
 
 
 def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
@@ -306,7 +305,7 @@ class ShearingModule(nn.Module):
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / STATE_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(self.config.to_json() + "\n")
+        self.config.save_pretrained(directory)
 
     def load(self, directory: str | Path) -> None:
         """Load what :meth:`save` wrote into this module."""
