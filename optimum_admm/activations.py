@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError, OutputDirectoryError
-from .memory import MaxMemory, activation_bytes, check_activation_budget, format_bytes, hidden_size_of
+from .memory import ActivationMemory, activation_bytes, check_activation_budget, format_bytes, hidden_size_of
 
 __all__ = ["DiskActivations", "Storage", "check_activation_storage", "check_disk_space", "resolve_storage", "stash"]
 
@@ -109,13 +109,17 @@ def check_disk_space(storage: DiskActivations, needed: int) -> None:
 
 
 def check_activation_storage(
-    model: nn.Module, num_samples: int, sequence_length: int, max_memory: MaxMemory | None, storage: Storage
+    model: nn.Module,
+    num_samples: int,
+    sequence_length: int,
+    activation_memory: ActivationMemory | None,
+    storage: Storage,
 ) -> int:
-    """State the activation memory before any work and refuse what cannot hold it: ``max_memory`` for a device,
+    """State the activation memory before any work and refuse what cannot hold it: ``activation_memory`` for a device,
     the free space of the file system for a cache directory. Returns the expected bytes."""
     if isinstance(storage, DiskActivations):
         hidden, dtype = hidden_size_of(model)
         needed = activation_bytes(num_samples, sequence_length, hidden, dtype)
         check_disk_space(storage, needed)
         return needed
-    return check_activation_budget(model, num_samples, sequence_length, max_memory, storage)
+    return check_activation_budget(model, num_samples, sequence_length, activation_memory, storage)

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 _LIBC: object = None
 
-MaxMemory = int | str | Mapping[int | str, int | str]
+ActivationMemory = int | str | Mapping[int | str, int | str]
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -106,38 +106,38 @@ def parse_size(name: str, value: object, shown: object, allowed: str) -> int:
     return size
 
 
-def _budget_for(max_memory: MaxMemory, storage: torch.device) -> int | None:
+def _budget_for(activation_memory: ActivationMemory, storage: torch.device) -> int | None:
     allowed = "bytes (int), a size such as '2GiB', or accelerate's {device: size} dict, e.g. {'cpu': '8GiB'}"
-    if isinstance(max_memory, Mapping):
+    if isinstance(activation_memory, Mapping):
         keys = [str(storage), storage.type] + ([storage.index] if storage.index is not None else [])
-        value = next((max_memory[k] for k in keys if k in max_memory), None)
+        value = next((activation_memory[k] for k in keys if k in activation_memory), None)
         if value is None:
             return None
     else:
-        value = max_memory
-    return parse_size("max_memory", value, max_memory, allowed)
+        value = activation_memory
+    return parse_size("activation_memory", value, activation_memory, allowed)
 
 
 def check_activation_budget(
     model: nn.Module,
     num_samples: int,
     sequence_length: int,
-    max_memory: MaxMemory | None,
+    activation_memory: ActivationMemory | None,
     storage_device: torch.device | str = "cpu",
 ) -> int:
-    """Log the calibration activation memory and refuse a ``max_memory`` budget that cannot hold it.
+    """Log the calibration activation memory and refuse a ``activation_memory`` budget that cannot hold it.
 
     Returns:
         The expected peak activation bytes on ``storage_device``.
 
     Raises:
-        ValueError: when ``max_memory`` (for ``storage_device``) is smaller than the activations, with the numbers.
+        ValueError: when ``activation_memory`` (for ``storage_device``) is smaller than the activations, with the numbers.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         ...     num_attention_heads=4, vocab_size=64))
-        >>> check_activation_budget(model, 16, 128, max_memory="1MiB")
+        >>> check_activation_budget(model, 16, 128, activation_memory="1MiB")
         524288
     """
     storage = torch.device(storage_device)
@@ -152,12 +152,12 @@ def check_activation_budget(
         hidden,
         dtype,
     )
-    budget = None if max_memory is None else _budget_for(max_memory, storage)
+    budget = None if activation_memory is None else _budget_for(activation_memory, storage)
     if budget is not None and needed > budget:
         raise InvalidArgumentError(
-            f"max_memory={max_memory!r} gives {format_bytes(budget)} on {storage}, but the calibration activations "
+            f"activation_memory={activation_memory!r} gives {format_bytes(budget)} on {storage}, but the calibration activations "
             f"need {format_bytes(needed)} (2 x num_samples={num_samples} x sequence_length={sequence_length} x "
-            f"hidden_size={hidden} x {dtype}); lower num_samples or sequence_length, raise max_memory, or keep "
+            f"hidden_size={hidden} x {dtype}); lower num_samples or sequence_length, raise activation_memory, or keep "
             "them on disk with activation_cache_dir=..."
         )
     return needed

@@ -157,10 +157,11 @@ class ADMMPruner(OptimumQuantizer):
         text_column: str = "text",
         overwrite: bool = False,
         show_progress: bool = True,
-        max_memory: int | str | dict[int | str, int | str] | None = None,
+        activation_memory: int | str | dict[int | str, int | str] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         activation_cache_dir: str | os.PathLike | None = None,
         allow_unpruned: bool = False,
+        max_memory: Any = None,
     ) -> PruningReport:
         """Prune the model in place and return the per-layer report.
 
@@ -172,7 +173,7 @@ class ADMMPruner(OptimumQuantizer):
             text_column: the text column of a ``datasets.Dataset``.
             overwrite: allow ``save_dir`` to be an existing non-empty directory.
             show_progress: show a progress bar over the decoder blocks.
-            max_memory: budget for the calibration activations kept on CPU between blocks (bytes, ``"8GiB"`` or
+            activation_memory: budget for the calibration activations kept on CPU between blocks (bytes, ``"8GiB"`` or
                 accelerate's ``{"cpu": "8GiB"}``); the expected size is logged, and a budget that cannot hold it is
                 refused with the numbers before any forward.
             checkpoint_dir: record every finished block there; re-running the same command after an interruption
@@ -182,11 +183,27 @@ class ADMMPruner(OptimumQuantizer):
             activation_cache_dir: keep the calibration activations in memory-mapped files in this directory
                 instead of RAM, for calibration sets that do not fit (the files are unlinked as soon as they are
                 mapped: nothing is left behind).
+            max_memory: the former name of ``activation_memory`` (deprecated: in accelerate and transformers,
+                ``max_memory`` is the *weight* budget per device, which belongs to ``from_pretrained(...,
+                device_map="auto", max_memory=...)``); still accepted with a ``FutureWarning``.
 
         Example:
             >>> report = pruner.prune(calibration_dataset=["some text", "more text"])  # doctest: +SKIP
-            >>> report = pruner.prune("wikitext2", checkpoint_dir="ckpt", max_memory="8GiB")  # doctest: +SKIP
+            >>> report = pruner.prune("wikitext2", checkpoint_dir="ckpt", activation_memory="8GiB")  # doctest: +SKIP
         """
+        if max_memory is not None:
+            if activation_memory is not None:
+                raise InvalidArgumentError(
+                    "max_memory= and activation_memory= are both given; allowed: activation_memory= only (the "
+                    "activation budget; accelerate's weight budget max_memory= goes to from_pretrained)"
+                )
+            warnings.warn(
+                "prune(max_memory=...) is renamed activation_memory=: it is the budget for the calibration "
+                "activations, not accelerate's weight budget (pass that to from_pretrained(..., max_memory=...))",
+                FutureWarning,
+                stacklevel=2,
+            )
+            activation_memory = max_memory
         config = self.config
         if save_dir is not None:  # writable, with room for the output, before any forward
             from .export import check_save_dir
@@ -226,7 +243,7 @@ class ADMMPruner(OptimumQuantizer):
             config,
             batches,
             show_progress=show_progress,
-            max_memory=max_memory,
+            activation_memory=activation_memory,
             checkpoint_dir=checkpoint_dir,
             activation_cache_dir=activation_cache_dir,
             allow_unpruned=allow_unpruned,

@@ -32,7 +32,7 @@ from .distributed import Distributed, assign_layers
 from .distributed import current as current_group
 from .errors import InvalidArgumentError, NonFiniteWeightsError, UnprunedLayersError
 from .masks import row_chunks
-from .memory import MaxMemory, release_freed_host_memory
+from .memory import ActivationMemory, release_freed_host_memory
 from .modeling import (
     dense_block_parameters,
     execution_device,
@@ -459,7 +459,7 @@ def prune_model(
     storage_device: torch.device | str = "cpu",
     show_progress: bool = True,
     *,
-    max_memory: MaxMemory | None = None,
+    activation_memory: ActivationMemory | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     activation_cache_dir: str | os.PathLike | None = None,
     store: WeightStore | None = None,
@@ -477,7 +477,7 @@ def prune_model(
         calibration_batches: ``(batch, sequence_length)`` token-id tensors; ``None`` for methods that need none.
         storage_device: where block inputs wait between blocks (``"cpu"`` keeps them off the accelerator).
         show_progress: show a tqdm bar over the blocks.
-        max_memory: budget for the calibration activations on ``storage_device`` (bytes, ``"8GiB"`` or accelerate's
+        activation_memory: budget for the calibration activations on ``storage_device`` (bytes, ``"8GiB"`` or accelerate's
             ``{device: size}`` dict); refused with the numbers before any forward when too small.
         checkpoint_dir: record each finished block there and, when it already holds a run of the same recipe, model
             and data, continue from the next block (see :mod:`optimum_admm.resume`).
@@ -498,7 +498,7 @@ def prune_model(
     if run.spec.needs_calibration:
         _check_batches(run, calibration_batches)
         local = run.dist.shard(calibration_batches)  # this rank's samples
-        check_activation_storage(model, len(local), int(calibration_batches[0].shape[1]), max_memory, storage)
+        check_activation_storage(model, len(local), int(calibration_batches[0].shape[1]), activation_memory, storage)
     first = 0 if checkpoint_dir is None else _start_checkpoint(run, calibration_batches)
     if run.store.resident:  # every weight checked before the first forward (a streamed block: as it is read)
         for index in range(len(run.blocks)):

@@ -42,7 +42,7 @@ from .errors import InvalidArgumentError
 from .export import check_save_dir, write_pruning_files
 from .files import staged_directory
 from .inspection import config_section
-from .memory import MaxMemory, release_freed_host_memory
+from .memory import ActivationMemory, release_freed_host_memory
 from .registry import get_spec
 from .reporting import PhaseTimer, PruningReport
 from .sequential import prune_model
@@ -430,7 +430,7 @@ def prune_checkpoint(
     *,
     execution_device: torch.device | str = "cpu",
     storage_device: torch.device | str = "cpu",
-    max_memory: MaxMemory | None = None,
+    activation_memory: ActivationMemory | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -456,7 +456,7 @@ def prune_checkpoint(
         tokenizer: tokenizer for text calibration data (default: loaded from ``source``).
         execution_device: where each block is loaded and computed.
         storage_device: where the calibration activations wait between blocks.
-        max_memory: activation budget on ``storage_device`` (see :func:`optimum_admm.memory.check_activation_budget`).
+        activation_memory: activation budget on ``storage_device`` (see :func:`optimum_admm.memory.check_activation_budget`).
         overwrite: replace a non-empty ``save_dir``.
         show_progress: show a tqdm bar over the blocks.
         checkpoint_dir: record each finished block there (its output shard and the next block's inputs) and, when
@@ -496,7 +496,7 @@ def prune_checkpoint(
             batches,
             storage_device,
             show_progress,
-            max_memory=max_memory,
+            activation_memory=activation_memory,
             checkpoint_dir=checkpoint_dir,
             activation_cache_dir=activation_cache_dir,
             store=store,

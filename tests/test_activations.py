@@ -36,7 +36,9 @@ def test_disk_activations_give_identical_weights_and_leave_nothing(tokenizer, co
 
     monkeypatch.setattr(DiskActivations, "store", counting)
     cache = tmp_path / "cache"
-    state, report = _prune(tokenizer, corpus_text, activation_cache_dir=cache, max_memory=1024)  # RAM budget n/a
+    state, report = _prune(
+        tokenizer, corpus_text, activation_cache_dir=cache, activation_memory=1024
+    )  # RAM budget n/a
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
     assert [r.relative_error for r in report.layers] == [r.relative_error for r in expected_report.layers]
@@ -47,8 +49,8 @@ def test_disk_activations_give_identical_weights_and_leave_nothing(tokenizer, co
 
 
 def test_budget_error_points_to_the_disk_cache(tokenizer, corpus_text):
-    with pytest.raises(ValueError, match=r"max_memory=1024 .* activation_cache_dir"):
-        _prune(tokenizer, corpus_text, max_memory=1024)
+    with pytest.raises(ValueError, match=r"activation_memory=1024 .* activation_cache_dir"):
+        _prune(tokenizer, corpus_text, activation_memory=1024)
 
 
 def test_cache_dir_without_room_is_refused_before_any_forward(tokenizer, corpus_text, tmp_path, monkeypatch):

@@ -385,7 +385,7 @@ def test_inline_target_config_takes_every_shearing_config_field():
     )
 
 
-# -- large models: --streaming, --checkpoint-dir, --activation-cache-dir, --max-memory --------------------------------
+# -- large models: --streaming, --checkpoint-dir, --activation-cache-dir, --activation-memory --------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -523,18 +523,22 @@ def test_activation_cache_dir_is_used_and_left_empty(streaming, sharded_dir, in_
     _assert_same_weights(out, in_memory_weights)
 
 
-def test_max_memory_budget_too_small_is_refused_with_the_numbers(sharded_dir, tmp_path, capsys):
+def test_activation_memory_budget_too_small_is_refused_with_the_numbers(sharded_dir, tmp_path, capsys):
     from optimum_admm.commands import main
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(_prune_args(sharded_dir, out, "--max-memory", "1KiB"))
-    assert exit_info.value.code == 2  # a budget that cannot hold the data is a bad --max-memory
+        main(_prune_args(sharded_dir, out, "--activation-memory", "1KiB"))
+    assert exit_info.value.code == 2  # a budget that cannot hold the data is a bad --activation-memory
     err = capsys.readouterr().err
-    assert "max_memory='1KiB'" in err and "Traceback" not in err
+    assert "activation_memory='1KiB'" in err and "Traceback" not in err
     assert not out.exists()
-    main(_prune_args(sharded_dir, out, "--max-memory", "100000000", "--streaming"))
+    main(_prune_args(sharded_dir, out, "--activation-memory", "100000000", "--streaming"))
     assert (out / "model.safetensors.index.json").is_file()
+    with pytest.raises(SystemExit) as exit_info:  # the former flag name still works, with a warning
+        main(_prune_args(sharded_dir, tmp_path / "again", "--max-memory", "1KiB"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--max-memory is renamed --activation-memory" in err
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -579,10 +583,13 @@ def test_streaming_from_the_hub_downloads_safetensors_only_and_pushes(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--max-memory", "abc"], "argument --max-memory: max_memory='abc' is invalid"),
-        (["--max-memory", "0"], "argument --max-memory: max_memory='0' is invalid"),
+        (["--activation-memory", "abc"], "argument --activation-memory: activation_memory='abc' is invalid"),
+        (["--activation-memory", "0"], "argument --activation-memory: activation_memory='0' is invalid"),
         (["--activation-cache-dir", "a-file"], "argument --activation-cache-dir: activation_cache_dir='a-file'"),
-        (["--max-memory", "8GiB", "--activation-cache-dir", "cache"], "not allowed with --activation-cache-dir"),
+        (
+            ["--activation-memory", "8GiB", "--activation-cache-dir", "cache"],
+            "not allowed with --activation-cache-dir",
+        ),
         (["--checkpoint-dir", "a-file"], "argument --checkpoint-dir: 'a-file' exists and is not a directory"),
         (["--checkpoint-dir", "o/ckpt"], "argument --checkpoint-dir: must not be --output or inside it"),
         (["--execution-device", "cuda:0"], "argument --execution-device: applies only with --streaming"),

@@ -177,7 +177,12 @@ CLI_CASES = [
     ),
     Case("max-shard-size-bad", _prune("--max-shard-size", "lots"), 2, r"max_shard_size='lots' is invalid"),
     Case("push-bad-repo", _prune("--push-to-hub", "bad repo!!"), 2, r"repo_id='bad repo!!' is invalid"),
-    Case("max-memory-bad", _prune("--max-memory", "lots"), 2, r"--max-memory: max_memory='lots' is invalid"),
+    Case(
+        "max-memory-bad",
+        _prune("--activation-memory", "lots"),
+        2,
+        r"--activation-memory: activation_memory='lots' is invalid",
+    ),
     Case(
         "activation-cache-is-file",
         _prune("--activation-cache-dir", "{root}/a-file"),
@@ -186,9 +191,9 @@ CLI_CASES = [
     ),
     Case(
         "max-memory-with-cache",
-        _prune("--max-memory", "1GiB", "--activation-cache-dir", "{root}/acts"),
+        _prune("--activation-memory", "1GiB", "--activation-cache-dir", "{root}/acts"),
         2,
-        r"--max-memory: not allowed with --activation-cache-dir",
+        r"--activation-memory: not allowed with --activation-cache-dir",
     ),
     Case(
         "checkpoint-inside-output",

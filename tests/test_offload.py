@@ -88,14 +88,19 @@ def test_activation_memory_is_logged_and_budget_refused(tokenizer, corpus_text, 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pruner = ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=ADMMConfig(**FAST))
     # 2 x 4 samples x 32 tokens x hidden 32 x 4 bytes = 32 KiB
-    with pytest.raises(ValueError, match=r"max_memory=1000 .*need 32.00 KiB.*num_samples=4"):
-        pruner.prune(calibration_dataset=[corpus_text], show_progress=False, max_memory=1000)
+    with pytest.raises(ValueError, match=r"activation_memory=1000 .*need 32.00 KiB.*num_samples=4"):
+        pruner.prune(calibration_dataset=[corpus_text], show_progress=False, activation_memory=1000)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="max_memory='lots'"):
-        pruner.prune(calibration_dataset=[corpus_text], show_progress=False, max_memory="lots")
+    with pytest.raises(ValueError, match="activation_memory='lots'"):
+        pruner.prune(calibration_dataset=[corpus_text], show_progress=False, activation_memory="lots")
     with caplog.at_level(logging.INFO, logger="optimum_admm.memory"):
-        pruner.prune(calibration_dataset=[corpus_text], show_progress=False, max_memory={"cpu": "1MiB"})
+        pruner.prune(calibration_dataset=[corpus_text], show_progress=False, activation_memory={"cpu": "1MiB"})
     assert "calibration activations: 32.00 KiB on cpu" in caplog.text
+    # the former name (which clashes with accelerate's weight budget) still works, with a FutureWarning
+    with pytest.warns(FutureWarning, match="renamed activation_memory"), pytest.raises(ValueError, match="need"):
+        pruner.prune(calibration_dataset=[corpus_text], show_progress=False, max_memory=1000)
+    with pytest.raises(ValueError, match="both given"):
+        pruner.prune(calibration_dataset=[corpus_text], max_memory=1000, activation_memory=1000)
 
 
 def test_device_map_benchmark_compares_a_cpu_and_disk_map_with_the_cpu_run(tmp_path):

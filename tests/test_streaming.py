@@ -58,8 +58,8 @@ def test_streaming_refuses_bad_source_and_budget(tokenizer, corpus_text, tmp_pat
     source = tmp_path / "source"
     build_tiny_model("llama").save_pretrained(source)
     tokenizer.save_pretrained(source)
-    with pytest.raises(ValueError, match="max_memory=1024 .*need 32.00 KiB"):
-        prune_checkpoint(source, tmp_path / "out", ADMMConfig(**FAST), [corpus_text], max_memory=1024)
+    with pytest.raises(ValueError, match="activation_memory=1024 .*need 32.00 KiB"):
+        prune_checkpoint(source, tmp_path / "out", ADMMConfig(**FAST), [corpus_text], activation_memory=1024)
     assert not (tmp_path / "out").exists()
 
 

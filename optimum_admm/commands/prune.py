@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +114,13 @@ class PruneCommand(GuardedCommand):
             "from the next block (a different recipe, model or calibration set is refused).",
         )
         large.add_argument(
-            "--max-memory",
+            "--activation-memory",
             metavar="SIZE",
             default=None,
             help="Budget for the calibration activations kept in RAM between blocks ('8GiB', '8GB' or bytes); "
             "one that cannot hold them is refused, with the numbers, before any forward.",
         )
+        large.add_argument("--max-memory", dest="deprecated_max_memory", default=None, help=argparse.SUPPRESS)
         large.add_argument(
             "--activation-cache-dir",
             metavar="DIR",
@@ -214,7 +216,7 @@ class PruneCommand(GuardedCommand):
         from ..loading import check_model_source
 
         args = self.args
-        config, max_memory = self._check_arguments()
+        config, activation_memory = self._check_arguments()
         init_from_environment()  # under torchrun: one process group, every rank prunes its share
         # The environment, before any download or load: the model source, the output, the token, the data files.
         source = check_model_source(args.model, trust_remote_code=args.trust_remote_code, parameter="--model")
@@ -229,9 +231,9 @@ class PruneCommand(GuardedCommand):
         if config.needs_calibration:
             calibration = self._calibration_set(config, _calibration_texts(args.dataset, "--dataset", args=args))
         if args.streaming:
-            self._run_streaming(config, max_memory, calibration)
+            self._run_streaming(config, activation_memory, calibration)
             return
-        self._run_in_memory(config, max_memory, calibration)
+        self._run_in_memory(config, activation_memory, calibration)
 
     def _calibration_set(self, config: Any, texts: list[str]) -> Any:
         """The calibration windows, from the model's tokenizer and config only (the weights are not loaded yet):
@@ -258,7 +260,7 @@ class PruneCommand(GuardedCommand):
             raise CalibrationDataError(f"--dataset {_dataset_key(args.dataset)}: {err}") from None
         return CalibrationSet(ids, _dataset_description(args))
 
-    def _run_in_memory(self, config: Any, max_memory: int | str | None, calibration: Any) -> None:
+    def _run_in_memory(self, config: Any, activation_memory: int | str | None, calibration: Any) -> None:
         from ..export import save_pruned
         from ..files import check_writable_directory
         from ..pruner import ADMMPruner
@@ -281,7 +283,7 @@ class PruneCommand(GuardedCommand):
             allow_unpruned=args.allow_unpruned,
             calibration_dataset=calibration,
             show_progress=not args.no_progress,
-            max_memory=max_memory,
+            activation_memory=activation_memory,
             checkpoint_dir=args.checkpoint_dir,
             activation_cache_dir=args.activation_cache_dir,
         )
@@ -321,19 +323,33 @@ class PruneCommand(GuardedCommand):
         self._push(path)
 
     def _check_large_model_arguments(self) -> int | str | None:
-        """Check --checkpoint-dir, --max-memory, --activation-cache-dir, --streaming and the options it excludes,
-        before anything is loaded; returns the --max-memory value for ``max_memory=``."""
+        """Check --checkpoint-dir, --activation-memory, --activation-cache-dir, --streaming and the options it excludes,
+        before anything is loaded; returns the --activation-memory value for ``activation_memory=``."""
         args = self.args
-        max_memory: int | str | None = None
-        if args.max_memory is not None:
+        activation_memory: int | str | None = None
+        if args.deprecated_max_memory is not None:
+            if args.activation_memory is not None:
+                self.parser.error("argument --max-memory: not allowed with --activation-memory (its new name)")
+            print(
+                "warning: --max-memory is renamed --activation-memory (the budget for the calibration activations; "
+                "accelerate's max_memory is a weight budget)",
+                file=sys.stderr,
+            )
+            args.activation_memory = args.deprecated_max_memory
+        if args.activation_memory is not None:
             from ..memory import parse_size
 
-            text = args.max_memory.strip()
-            max_memory = int(text) if text.isdigit() else text
+            text = args.activation_memory.strip()
+            activation_memory = int(text) if text.isdigit() else text
             try:
-                parse_size("max_memory", max_memory, args.max_memory, "bytes or a size such as '8GiB' or '8GB'")
+                parse_size(
+                    "activation_memory",
+                    activation_memory,
+                    args.activation_memory,
+                    "bytes or a size such as '8GiB' or '8GB'",
+                )
             except ValueError as err:
-                self.parser.error(f"argument --max-memory: {err}")
+                self.parser.error(f"argument --activation-memory: {err}")
         if args.activation_cache_dir is not None:
             from ..activations import resolve_storage
 
@@ -341,9 +357,9 @@ class PruneCommand(GuardedCommand):
                 resolve_storage("cpu", args.activation_cache_dir)
             except ValueError as err:
                 self.parser.error(f"argument --activation-cache-dir: {err}")
-            if max_memory is not None:
+            if activation_memory is not None:
                 self.parser.error(
-                    "argument --max-memory: not allowed with --activation-cache-dir (the budget is for activations "
+                    "argument --activation-memory: not allowed with --activation-cache-dir (the budget is for activations "
                     "in RAM; on disk, the free space of the file system is checked instead)"
                 )
         output = Path(args.output).resolve()
@@ -356,7 +372,7 @@ class PruneCommand(GuardedCommand):
         if not args.streaming:
             if args.execution_device is not None:
                 self.parser.error("argument --execution-device: applies only with --streaming")
-            return max_memory
+            return activation_memory
         excluded = {
             "--device-map": args.device_map is not None,
             "--offload-folder": args.offload_folder is not None,
@@ -397,9 +413,9 @@ class PruneCommand(GuardedCommand):
                 validate_repo_id(args.model)
             except ValueError as err:
                 self.parser.error(f"argument --model: neither a local directory nor a Hub id ({err})")
-        return max_memory
+        return activation_memory
 
-    def _run_streaming(self, config: Any, max_memory: int | str | None, calibration: Any) -> None:
+    def _run_streaming(self, config: Any, activation_memory: int | str | None, calibration: Any) -> None:
         """``--streaming``: :func:`optimum_admm.streaming.prune_checkpoint` from a local or downloaded checkpoint.
 
         The evaluation (``--eval-dataset``), the sidecar and the card are written into the staged output before it
@@ -428,7 +444,7 @@ class PruneCommand(GuardedCommand):
             config,
             calibration,
             execution_device=args.execution_device or "cpu",
-            max_memory=max_memory,
+            activation_memory=activation_memory,
             overwrite=args.overwrite,
             show_progress=not args.no_progress,
             checkpoint_dir=args.checkpoint_dir,
