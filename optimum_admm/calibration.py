@@ -123,25 +123,42 @@ def describe_source(source: CalibrationSource) -> str:
     return type(source).__name__
 
 
+def text_file_source(
+    source: str | os.PathLike, parameter: str, error: type[Exception] = CalibrationDataError
+) -> list[str]:
+    """A string or path that is not a named dataset must be an existing text file: its text, as a one-item list.
+
+    The one rule for every function that takes a dataset (``prune``, ``perplexity``, the CLI): a string is a name or
+    a path, never the text itself (a text goes in a list), so a long text is refused with that hint instead of
+    ``File name too long`` or being echoed whole.
+
+    Example:
+        >>> text_file_source("Call me Ishmael. Some years ago...", "dataset")
+        Traceback (most recent call last):
+        ...
+        optimum_admm.errors.CalibrationDataError: dataset='Call me Ishmael. Some years ago...' is neither a named dataset ('wikitext2', 'c4') nor an existing text file; to pass a text, put it in a list: [text]
+    """
+    path = Path(source)
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for the file system: text passed where a path belongs
+        is_file = False
+    if not is_file:
+        shown = str(source) if len(str(source)) <= 80 else f"{str(source)[:60]}... ({len(str(source))} characters)"
+        hint = "; to pass a text, put it in a list: [text]" if isinstance(source, str) else ""
+        raise error(
+            f"{parameter}={shown!r} is neither a named dataset {NAMED_DATASETS} nor an existing text file{hint}"
+        )
+    return [read_text_file(path, parameter)]
+
+
 def _texts_from(source: CalibrationSource, text_column: str) -> list[str] | None:
     """The texts of a text-like source, or ``None`` when the source is already tokenised."""
     if isinstance(source, str) and source in NAMED_DATASETS:
         # c4 documents are many and short: 20k documents hold far more than any calibration set needs.
         return load_named_texts(source, "train", num_documents=20000 if source == "c4" else None)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            is_file = path.is_file()
-        except OSError:  # a name too long for the file system: text passed where a path belongs
-            is_file = False
-        if not is_file:
-            shown = str(source) if len(str(source)) <= 80 else f"{str(source)[:60]}... ({len(str(source))} characters)"
-            hint = "; to calibrate on a text, pass it in a list: [text]" if isinstance(source, str) else ""
-            raise CalibrationDataError(
-                f"calibration_dataset={shown!r} is neither a named dataset {NAMED_DATASETS} nor an existing text "
-                f"file{hint}"
-            )
-        return [read_text_file(path, "calibration_dataset")]
+        return text_file_source(source, "calibration_dataset", CalibrationDataError)
     if isinstance(source, list) and source and all(isinstance(t, (torch.Tensor, dict)) for t in source):
         return None  # a list of token batches
     if isinstance(source, list):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,8 +75,12 @@ def _load_named(name: str) -> list[str]:
 
 def _texts(dataset: Any) -> list[str]:
     """Return ``dataset`` as a list of strings, raising ``ValueError`` for anything else."""
-    if isinstance(dataset, str):
-        return _load_named(dataset) if dataset in NAMED_DATASETS else [dataset]
+    if isinstance(dataset, str) and dataset in NAMED_DATASETS:
+        return _load_named(dataset)
+    if isinstance(dataset, (str, os.PathLike)):  # a path, as everywhere else: a text goes in a list
+        from .calibration import text_file_source
+
+        return text_file_source(dataset, "dataset", InvalidArgumentError)
     if hasattr(dataset, "column_names") and hasattr(dataset, "__getitem__"):  # a datasets.Dataset
         if "text" not in dataset.column_names:
             raise InvalidArgumentError(f"dataset must have a 'text' column, got columns {dataset.column_names}")
@@ -96,8 +101,8 @@ def tokenize_dataset(tokenizer: Any, dataset: Any, max_tokens: int | None = None
 
     Args:
         tokenizer: A Hugging Face tokenizer.
-        dataset: A string, a list of strings, a ``datasets.Dataset`` with a ``text`` column, or ``"wikitext2"`` /
-            ``"c4"``.
+        dataset: ``"wikitext2"`` / ``"c4"``, a text file path, a list of strings or a ``datasets.Dataset`` with a
+            ``text`` column.
         max_tokens: Keep only the first ``max_tokens`` tokens.
 
     Returns:
@@ -187,8 +192,9 @@ def perplexity(
     Args:
         model: A causal LM (``model(input_ids).logits``); it runs on its own device, under ``torch.no_grad``.
         tokenizer: The model's tokenizer.
-        dataset: A string (a text, or ``"wikitext2"`` / ``"c4"`` to load that benchmark's test text with
-            ``datasets.load_dataset``), a list of strings, or a ``datasets.Dataset`` with a ``text`` column.
+        dataset: ``"wikitext2"`` / ``"c4"`` (that benchmark's test text, through ``datasets.load_dataset``), the
+            path of a text file, a list of strings (texts), or a ``datasets.Dataset`` with a ``text`` column. As in
+            :meth:`~optimum_admm.ADMMPruner.prune`, a string is a name or a path, never the text itself.
         sequence_length: Tokens fed to the model per window, including a prepended BOS token.
         stride: Step between window starts, at most the window's text length; default: non-overlapping windows.
             When smaller, each window scores only the tokens no earlier window scored.

@@ -116,16 +116,27 @@ def test_plan_windows_scores_each_token_at_most_once(num_tokens, content, stride
         assert sorted(scored) == list(range(1, num_tokens))
 
 
-def test_batches_and_dataset_kinds_agree(model, tokenizer):
+def test_batches_and_dataset_kinds_agree(model, tokenizer, tmp_path):
     import datasets
 
     reference = perplexity(model, tokenizer, LINES, sequence_length=16)
     batched = perplexity(model, tokenizer, LINES, sequence_length=16, batch_size=3)
     from_dataset = perplexity(model, tokenizer, datasets.Dataset.from_dict({"text": LINES}), sequence_length=16)
-    from_string = perplexity(model, tokenizer, "\n\n".join(LINES), sequence_length=16)
-    for other in (batched, from_dataset, from_string):
+    (tmp_path / "text.txt").write_text("\n\n".join(LINES))
+    from_file = perplexity(model, tokenizer, str(tmp_path / "text.txt"), sequence_length=16)  # a string is a path
+    for other in (batched, from_dataset, from_file):
         assert other.num_tokens == reference.num_tokens
         assert other.perplexity == pytest.approx(reference.perplexity, rel=1e-5)
+
+
+def test_a_text_passed_as_a_string_is_refused_as_in_prune(model, tokenizer):
+    """One rule for prune() and perplexity(): a string names a dataset or a file; a text goes in a list."""
+    from optimum_admm.errors import InvalidArgumentError
+
+    text = "\n\n".join(LINES) * 20
+    with pytest.raises(InvalidArgumentError, match=r"put it in a list: \[text\]") as info:
+        perplexity(model, tokenizer, text, sequence_length=16)
+    assert len(str(info.value)) < 300  # never echoed whole
 
 
 def test_max_tokens_caps_the_stream(model, tokenizer):

@@ -502,7 +502,7 @@ API_CASES = [
         "text-passed-as-a-path",
         lambda w, t, x: _pruner(w, t).prune(x),
         errors.CalibrationDataError,
-        r"calibration_dataset='.+?\.\.\. \(\d+ characters\)' is neither a named dataset .* pass it in a list: \[text\]",
+        r"calibration_dataset='.+?\.\.\. \(\d+ characters\)' is neither a named dataset .* put it in a list: \[text\]",
         "before-forward",
     ),
     ApiCase(
