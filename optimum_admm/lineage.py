@@ -76,10 +76,14 @@ def derived_metadata(
     metadata = dict(_source_metadata(model, source, revision, token))
     names = list(metadata.get("layers") or [])
     if not names:  # the source recorded no layers: the decoder blocks' linears
-        from .modeling import find_prunable_layers
+        from .configuration import default_of
+        from .modeling import find_decoder_blocks, find_prunable_layers
 
         config = PruningConfig.from_dict(metadata["config"])
-        names = [n for block in find_prunable_layers(model, config.targets, config.ignore) for n in block]
+        blocks_name, blocks = find_decoder_blocks(model)
+        defaults = default_of(type(config), "targets")  # as the pruner: "Conv1D" on a model without Conv1D is fine
+        found = find_prunable_layers(model, config.targets, config.ignore, blocks, blocks_name, defaults)
+        names = [n for block in found for n in block]
     layers = _measured_layers(model, names)
     total = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
     metadata["layers"] = layers

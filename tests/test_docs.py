@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import optimum_admm
 import optimum_admm.structured
@@ -114,3 +115,160 @@ def test_repository_paths_named_in_the_docs_exist():
             if not (ROOT / path).exists():
                 missing.append(f"{page.relative_to(ROOT)}: {path}")
     assert not missing
+
+
+# -- every page's code runs, or says why not -----------------------------------------------------------------------
+#
+# Each ```python block of every page runs, in page order and one namespace per page, in a sandbox: the Hub ids the
+# pages use are tiny stand-in models on the loopback Hub server (the real huggingface_hub client downloads them),
+# "wikitext2" / "c4" are replaced by local text (the datasets Hub is not reachable here), and the free names a page
+# assumes its reader has (``model``, ``tokenizer``, ``texts``, ``training_args``, ...) are tiny objects. A block
+# that cannot run here says so on the line above its fence:
+#     <!-- docs-test: skip — <why> -->          (not run: a GPU, a real 8B model, a schematic with "...", ...)
+#     <!-- docs-test: raises <Error> — <why> --> (runs and must raise that error, as the page says)
+MARKER = re.compile(r"^<!-- docs-test: (skip|raises (\w+)) — (.+?) -->$")
+STAND_INS = ("HuggingFaceTB/SmolLM2-135M", "meta-llama/Llama-3.1-8B")
+PAGES = sorted([ROOT / "README.md", *DOCS.rglob("*.md")])
+
+
+def marked_blocks(page: Path) -> list[tuple[int, str, str | None, str | None]]:
+    """``(line, code, marker, reason)`` for each ```python block; marker is ``skip``, an error name or None."""
+    text = page.read_text()
+    out = []
+    for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+        marker = MARKER.match(before)
+        kind = None if marker is None else ("skip" if marker[1] == "skip" else marker[2])
+        out.append((text[: match.start()].count("\n") + 1, match.group(1), kind, marker and marker[3]))
+    return out
+
+
+@pytest.fixture
+def docs_sandbox(tmp_path, monkeypatch, local_hub, corpus_text, tokenizer):
+    """The names and the stand-ins the pages' code runs against (see the comment above)."""
+    from conftest import build_tiny_model
+    from huggingface_hub import HfApi
+    from transformers import TrainingArguments
+
+    import optimum_admm.calibration as calibration
+    import optimum_admm.evaluation as evaluation
+    from optimum_admm.structured.api import pack_tokens
+
+    lines = corpus_text.splitlines()
+    monkeypatch.setattr(calibration, "load_named_texts", lambda name, split="train", num_documents=None: lines)
+    monkeypatch.setattr(evaluation, "_load_named", lambda name: lines[:40])
+    for repo in STAND_INS:
+        folder = tmp_path / "stand-ins" / repo
+        build_tiny_model("llama").save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        HfApi().create_repo(repo, exist_ok=True)
+        HfApi().upload_folder(repo_id=repo, folder_path=folder)
+    monkeypatch.chdir(tmp_path)
+
+    def names() -> dict:
+        model = build_tiny_model("llama").train()
+        data = pack_tokens(lines, tokenizer, sequence_length=32, max_sequences=16)
+        args = TrainingArguments(str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=4,
+                                 report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")  # fmt: skip
+        batch = {"input_ids": torch.tensor(data[:4]["input_ids"]), "labels": torch.tensor(data[:4]["labels"])}
+        return {
+            "torch": torch,
+            "model": model,
+            "tokenizer": tokenizer,
+            "texts": lines,
+            "calibration_texts": lines,
+            "data": data,
+            "train_dataset": data,
+            "training_args": args,
+            "args": args,
+            "optimizer": torch.optim.SGD(model.parameters(), lr=1e-3),
+            "loader": [batch, batch],
+        }
+
+    return names
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+def test_every_page_code_runs_or_says_why_not(docs_sandbox, capsys):
+    import traceback
+    import types
+
+    import torch  # noqa: F401 (pages may assume it)
+
+    ran, skipped, failures = [], [], []
+    for index, page in enumerate(PAGES):
+        work = Path.cwd() / f"page-{index}"  # each page starts in its own empty directory
+        work.mkdir()
+        os.chdir(work)
+        module = types.ModuleType(f"docs_page_{index}")  # dataclasses on a page need a real module
+        sys.modules[module.__name__] = module
+        namespace = module.__dict__
+        namespace.update(docs_sandbox())
+        for line, code, kind, reason in marked_blocks(page):
+            where = f"{page.relative_to(ROOT)}:{line}"
+            if kind == "skip":
+                assert reason and len(reason) > 10, f"{where}: a skipped block must say why"
+                skipped.append(where)
+                continue
+            try:
+                exec(compile(code, where, "exec"), namespace)
+            except Exception as err:
+                if kind is not None and type(err).__name__ == kind:
+                    ran.append(where)
+                    continue
+                failures.append(f"{where}: {type(err).__name__}: {str(err)[:300]}\n{traceback.format_exc()[-1500:]}")
+                continue
+            if kind is not None:
+                failures.append(f"{where}: the page says it raises {kind}, it did not")
+            ran.append(where)
+    capsys.readouterr()
+    assert not failures, "\n".join(failures)
+    assert len(ran) >= 2 * len(skipped), (ran, skipped)  # most of the documentation runs as written
+
+
+def _shell_commands(page: Path) -> list[tuple[int, list[str]]]:
+    """The ``optimum-cli admm ...`` / ``optimum-admm ...`` commands of the page's ```bash blocks, as argv lists."""
+    import shlex
+
+    text = page.read_text()
+    out = []
+    for match in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        line_no = text[: match.start()].count("\n") + 2
+        joined = re.sub(r"\\\n\s*", " ", match.group(1))
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("torchrun "):  # torchrun ... -m optimum_admm.commands.main prune ...
+                line = re.sub(r"^torchrun .*?(optimum-admm|-m optimum_admm\.commands\.main)", "optimum-admm", line)
+            for prefix in ("optimum-cli admm ", "optimum-admm "):
+                if line.startswith(prefix):
+                    out.append((line_no, shlex.split(line[len(prefix) :])))
+    return out
+
+
+def test_every_documented_command_line_parses(monkeypatch, tmp_path):
+    """Each documented ``optimum-cli admm`` command is accepted by the real parser (flags, choices, values), without
+    running it: a renamed flag or a removed choice fails here."""
+    from optimum.commands.base import CommandInfo, RootOptimumCLICommand
+
+    from optimum_admm.commands.admm import ADMMCommand
+
+    root = RootOptimumCLICommand("optimum-admm")
+    for info in ADMMCommand.SUBCOMMANDS:
+        root.register_subcommand(CommandInfo(info.name, help=info.help, subcommand_class=info.subcommand_class))
+    checked, failures = 0, []
+    for page in PAGES:
+        for line, argv in _shell_commands(page):
+            if not argv or argv[0] in ("--help", "-h") or "--help" in argv:
+                continue
+            monkeypatch.chdir(tmp_path)
+            for token in argv:  # the files a command names exist on its reader's machine: placeholders here
+                if re.fullmatch(r"[\w./-]+\.(txt|json|yaml)", token) and not Path(token).is_absolute():
+                    Path(token).parent.mkdir(parents=True, exist_ok=True)
+                    Path(token).write_text("{}" if not token.endswith(".txt") else "Some text.")
+            try:
+                root.parser.parse_args(argv)
+                checked += 1
+            except SystemExit:
+                failures.append(f"{page.relative_to(ROOT)}:{line}: {' '.join(argv)}")
+    assert not failures, "\n".join(failures)
+    assert checked >= 8
