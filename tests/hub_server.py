@@ -4,7 +4,8 @@
 Endpoints (model repos only): ``POST /api/repos/create``, ``POST /api/validate-yaml``,
 ``GET /api/models/{repo}[/revision/{rev}]``, ``POST /api/models/{repo}/branch/{branch}``,
 ``POST /api/models/{repo}/preupload/{rev}``, ``POST /{repo}.git/info/lfs/objects/batch``, ``PUT /lfs-upload/{oid}``,
-``POST /lfs-verify``, ``POST /api/models/{repo}/commit/{rev}`` (NDJSON), ``GET /api/models/{repo}/tree/{rev}[/{path}]``,
+``POST /lfs-verify``, ``POST /api/models/{repo}/commit/{rev}[?create_pr=1]`` (NDJSON; a pull request becomes
+``refs/pr/N``), ``GET /api/models/{repo}/tree/{rev}[/{path}]``,
 ``POST /api/models/{repo}/paths-info/{rev}``, ``HEAD|GET /{repo}/resolve/{rev}/{path}``.
 
 Every answer is recorded in ``HubState.responses`` as ``(method, path, status)``. A commit is applied all at once or not at all. ``HubState.fail_next`` makes the next matching request answer an
@@ -335,8 +336,14 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise HubError(400, f"unknown commit operation {line['key']!r}")
         commit = Commit(_new_oid(), header["value"]["summary"], files)
-        repo.branches[branch].append(commit)
         url = f"{self.base}/{match['repo']}/commit/{commit.oid}"
+        if parse_qs(urlsplit(self.path).query).get("create_pr") in (["1"], ["true"], ["True"]):
+            # A pull request: a new ref refs/pr/N from the branch head, the commit on it; the branch is untouched.
+            number = 1 + sum(name.startswith("refs/pr/") for name in repo.branches)
+            repo.branches[f"refs/pr/{number}"] = [*repo.branches[branch], commit]
+            pr = f"{self.base}/{match['repo']}/discussions/{number}"
+            return self._json(200, {"success": True, "commitOid": commit.oid, "commitUrl": url, "pullRequestUrl": pr})
+        repo.branches[branch].append(commit)
         self._json(200, {"success": True, "commitOid": commit.oid, "commitUrl": url})
 
     def tree(self, match, body):

@@ -312,13 +312,10 @@ def test_save_pretrained_pushes_like_transformers_and_refuses_pickles(hub, prune
     with pytest.raises(InvalidArgumentError, match=r"\['token'\] apply only with push_to_hub=True"):
         pruned.save_pretrained(tmp_path / "not-pushed", token=TOKEN)
     assert not (tmp_path / "pickled").exists() and not (tmp_path / "not-pushed").exists()
-    seen = {}
-    real = HfApi.upload_folder
-
-    def record(self, **kwargs):
-        seen.update(kwargs)
-        return real(self, **{**kwargs, "create_pr": False})  # the loopback server has no pull requests
-
-    monkeypatch.setattr(HfApi, "upload_folder", record)
-    pruned.push_to_hub("org/pushed-on-save", token=TOKEN, create_pr=True)
-    assert seen["create_pr"] is True
+    main_before = hub.state.files("org/pushed-on-save")
+    pruned.evaluation_results = {"wikitext2": 99.0}  # a change to propose (an identical push is a no-op)
+    info = pruned.push_to_hub("org/pushed-on-save", token=TOKEN, create_pr=True, commit_message="Sparser")
+    assert info.pr_num == 1 and info.pr_revision == "refs/pr/1"  # a real pull request on the loopback Hub
+    assert hub.state.files("org/pushed-on-save") == main_before  # main is untouched until the PR is merged
+    assert hub.state.commits("org/pushed-on-save", "refs/pr/1")[-1].message == "Sparser"
+    assert "pruning_config.json" in hub.state.files("org/pushed-on-save", "refs/pr/1")
