@@ -300,7 +300,6 @@ def _saved(pruner, tmp_path):
 
 
 def test_save_pretrained_pushes_like_transformers_and_refuses_pickles(hub, pruned, tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
 
     from optimum_admm.errors import InvalidArgumentError
 
