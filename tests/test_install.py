@@ -1,4 +1,5 @@
-"""The install commands the docs show, run as written in a fresh virtualenv (CI runs this; locally it is opt-in with
+"""The install commands the docs show, run as written in a fresh virtualenv, then the quick tour in it (CI runs this;
+locally it is opt-in with
 OPTIMUM_ADMM_RUN_INSTALL=1, since it installs the package's dependencies from the index: about 1.5 minutes)."""
 
 from __future__ import annotations
@@ -48,3 +49,21 @@ def test_the_documented_install_commands_work_in_a_fresh_virtualenv(tmp_path):
         [str(venv / "bin" / "optimum-cli"), "admm", "--help"], env=env, capture_output=True, text=True
     )
     assert cli.returncode == 0 and "prune" in cli.stdout, cli.stderr
+    # ... and the quick tour runs as written in that virtualenv, pushing to a loopback Hub (no real Hub here)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import online_environment
+    from hub_server import HubServer
+
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "docs" / "quicktour.md").read_text(), re.S | re.M)
+    script = tmp_path / "quicktour.py"
+    script.write_text("\n\n".join(blocks))
+    token = "hf_install_test_3c9d"
+    with HubServer({token}) as hub:
+        tour_env = {**online_environment(), "PATH": env["PATH"], "HF_ENDPOINT": hub.url, "HF_TOKEN": token,
+                    "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
+        tour_env.pop("PYTHONPATH", None)
+        tour = subprocess.run([str(python), str(script)], cwd=tmp_path, env=tour_env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert tour.returncode == 0, tour.stderr[-3000:]
+        assert "zeros in down_proj: 50%" in tour.stdout and "True" in tour.stdout
+        assert "pruning_config.json" in hub.state.files("me/tiny-admm-50")
