@@ -151,8 +151,11 @@ def gradual_nm_mask(scores: torch.Tensor, n: int, m: int, sparsity: float) -> to
         [[1, 1, 0, 0], [1, 1, 1, 1]]
     """
     protected = nm_mask(scores, n, m)
+    unprotected = protected.numel() - int(torch.count_nonzero(protected))
+    k = min(num_pruned(scores.numel(), sparsity), unprotected)
+    if k == unprotected:  # the full N:M target (the usual case): the per-group selection is the mask
+        return protected
     candidates = scores.masked_fill(protected, float("inf"))
-    k = min(num_pruned(scores.numel(), sparsity), protected.numel() - int(torch.count_nonzero(protected)))
     return _prune_smallest(candidates, k, dim=None)
 
 

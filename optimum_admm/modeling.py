@@ -82,7 +82,8 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def matches(name: str, module: nn.Module, pattern: str) -> bool:
     """Whether a module matches a target/ignore ``pattern``.
 
-    A pattern is a class name (``"Linear"``), a module name matched on dot boundaries from the right
+    A pattern is a class name (``"Linear"``, matched along the class hierarchy, so subclasses of ``nn.Linear``
+    match it), a module name matched on dot boundaries from the right
     (``"q_proj"``, ``"self_attn.q_proj"``, ``"lm_head"``) or ``"re:<regex>"`` matched in full against the module
     name.
 
@@ -94,11 +95,14 @@ def matches(name: str, module: nn.Module, pattern: str) -> bool:
         True
         >>> matches("model.layers.0.mlp.up_proj", nn.Linear(2, 2), "proj")
         False
+        >>> class FalconLinear(nn.Linear): ...
+        >>> matches("transformer.h.0.mlp.dense_4h_to_h", FalconLinear(2, 2), "Linear")
+        True
     """
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    if pattern == type(module).__name__:
-        return True
+    if any(pattern == cls.__name__ for cls in type(module).__mro__[:-1]):  # along the class hierarchy:
+        return True  # "Linear" matches Falcon's FalconLinear(nn.Linear) and other subclasses
     return name == pattern or name.endswith("." + pattern)
 
 

@@ -1,6 +1,7 @@
-"""The install commands the docs show, run as written in a fresh virtualenv, then the quick tour in it (CI runs this;
-locally it is opt-in with
-OPTIMUM_ADMM_RUN_INSTALL=1, since it installs the package's dependencies from the index: about 1.5 minutes)."""
+"""The install commands the docs show, run as written in a fresh virtualenv, then the quick tour in it.
+
+CI runs this; locally it is opt-in with OPTIMUM_ADMM_RUN_INSTALL=1, since it installs the package's dependencies from
+the index (about 1.5 minutes)."""
 
 from __future__ import annotations
 

@@ -270,3 +270,20 @@ def test_dtype_and_torch_dtype_load_the_same_model(tmp_path, tokenizer):
     old = ADMMPruner.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).model
     assert new.dtype == old.dtype == torch.bfloat16
     assert all(torch.equal(v, old.state_dict()[k]) for k, v in new.state_dict().items())
+
+
+def test_linear_subclasses_match_the_linear_target():
+    """Falcon's FalconLinear subclasses nn.Linear: the class-name target "Linear" matches along the hierarchy."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=320))
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(1))
+    report = ADMMPruner.from_pretrained(model, config=ADMMConfig(num_samples=4, sequence_length=32)).prune(
+        ids, show_progress=False
+    )
+    names = {row.name.rsplit(".", 1)[-1] for row in report.layers}
+    assert names == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"} and len(report.layers) == 8
+    for block in model.transformer.h:
+        weight = block.mlp.dense_4h_to_h.weight
+        assert int((weight == 0).sum()) == weight.numel() // 2

@@ -67,14 +67,14 @@ def sparsegpt_prune(
             u_block = u[start:end, start:end]
             u_diag = u_block.diagonal()
             errors = torch.zeros_like(w_block)
-            prune = None
             if nm is None:
                 prune = ~unstructured_mask(w_block.square() / u_diag.square(), sparsity)
+            else:  # filled one group of M columns at a time, as the sweep reaches it (no re-allocation per group)
+                prune = torch.zeros_like(w_block, dtype=torch.bool)
             for i in range(end - start):
                 if nm is not None and i % nm[1] == 0:
                     group = slice(i, i + nm[1])
-                    group_prune = ~nm_mask(w_block[:, group].square() / u_diag[group].square(), nm[0], nm[1])
-                    prune = group_prune if prune is None else torch.cat([prune, group_prune], dim=1)
+                    prune[:, group] = ~nm_mask(w_block[:, group].square() / u_diag[group].square(), nm[0], nm[1])
                 column = w_block[:, i]
                 pruned_column = column.masked_fill(prune[:, i], 0.0)
                 error = (column - pruned_column) / u_block[i, i]
