@@ -104,6 +104,8 @@ class PruningReport:
     write_seconds: float = 0.0
     #: With several processes: all-reducing statistics, broadcasting pruned weights, gathering checkpoint inputs.
     communication_seconds: float = 0.0
+    #: Targeted layers left dense, and why (for example: no calibration input, the weight is read functionally).
+    left_dense: dict[str, str] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:

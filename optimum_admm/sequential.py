@@ -348,12 +348,22 @@ def _solve_stage(run: _Run, names: list[str], accumulators: dict[str, StatisticA
     costs = {n: float(out * inp * inp) for n, (out, inp) in shapes.items()}  # a solve's (out x in)(in x in) products
     owners = assign_layers(costs, run.dist.world_size)
     rows: dict[str, LayerReport | None] = {}
+    uncalled = [n for n in names if accumulators[n].num_tokens == 0]  # summed over the ranks: the same everywhere
+    if uncalled:  # found by this block's calibration pass, before any of its weights change
+        for name in uncalled:
+            run.report.left_dense[name] = "no calibration input: used functionally or never called in a causal forward"
+        warnings.warn(
+            f"{len(uncalled)} targeted layers receive no input in the calibration forward (their weight is read "
+            f"functionally, or the module is never called), so they stay dense: {', '.join(uncalled[:6])}"
+            + (f", ... {len(uncalled) - 6} more" if len(uncalled) > 6 else "")
+            + "; add them to `ignore` to silence this",
+            stacklevel=2,
+        )
     layer_bar = tqdm(names, desc="layers", unit="layer", leave=False, disable=not run.show_progress)
     for name in layer_bar:  # inside a block too: a large model's block takes minutes
         # The dict holds the only references: a group's statistic is freed once its last layer is pruned.
         accumulator = accumulators.pop(name)
-        if accumulator.num_tokens == 0:  # summed over the ranks: every rank skips the same layers
-            run.unpruned.append(f"{name} (no calibration input)")
+        if name in run.report.left_dense:
             continue
         rows[name] = _solve(run, name, accumulator) if owners[name] == run.dist.rank else None
         del accumulator

@@ -287,3 +287,36 @@ def test_linear_subclasses_match_the_linear_target():
     for block in model.transformer.h:
         weight = block.mlp.dense_4h_to_h.weight
         assert int((weight == 0).sum()) == weight.numel() // 2
+
+
+def test_a_targeted_linear_that_gets_no_input_is_named_before_its_block_changes_and_left_dense(monkeypatch):
+    """A linear the forward never calls (or whose weight is read functionally) is found by the calibration pass of
+    its block, named in a warning before that block's weights change, left dense and listed in the report; the
+    rest of the model is pruned (it used to raise after every block was pruned in place)."""
+    import warnings
+
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("llama")
+    for block in model.model.layers:
+        block.mlp.unused = torch.nn.Linear(32, 32, bias=False)  # registered, never called
+    first_gate = model.model.layers[0].mlp.gate_proj.weight.detach().clone()
+    seen = []
+    real_warn = warnings.warn
+
+    def spy(message, *args, **kwargs):
+        if "receive no input" in str(message):
+            changed = not torch.equal(model.model.layers[0].mlp.gate_proj.weight, first_gate)
+            seen.append((str(message), changed))
+        return real_warn(message, *args, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", spy)
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(1))
+    pruner = ADMMPruner.from_pretrained(model, config=ADMMConfig(num_samples=4, sequence_length=32))
+    with pytest.warns(UserWarning, match="receive no input"):
+        report = pruner.prune(ids, show_progress=False)
+    assert "model.layers.0.mlp.unused" in seen[0][0] and seen[0][1] is False  # said before block 0 changed
+    assert set(report.left_dense) == {f"model.layers.{i}.mlp.unused" for i in range(2)}
+    assert all((block.mlp.unused.weight != 0).all() for block in model.model.layers)
+    gate = model.model.layers[1].mlp.gate_proj.weight
+    assert int((gate == 0).sum()) == gate.numel() // 2
