@@ -117,6 +117,38 @@ def _first_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def check_causal(model: nn.Module) -> None:
+    """Refuse a model whose output at a position depends on later tokens (a bidirectional encoder such as
+    ``BertModel``, or a BERT checkpoint loaded as ``BertLMHeadModel``): two sequences that differ only in their last
+    token must give the same outputs before it. One forward of 2 x 4 tokens; nothing is named per architecture.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> check_causal(BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...     intermediate_size=32, vocab_size=20)))
+        Traceback (most recent call last):
+        ...
+        optimum_admm.errors.InvalidArgumentError: model=BertModel is not a causal language model: ...
+    """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 6:
+        return
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]], device=input_device(model))
+    try:
+        output = model(input_ids=ids)
+    except TypeError:  # a model that takes no input_ids: calibration will say what it needs
+        return
+    output = output.to_tuple()[0] if hasattr(output, "to_tuple") else _first_output(output)  # logits / hidden
+    if not isinstance(output, torch.Tensor) or output.dim() < 2 or output.shape[:2] != (2, 4):
+        return
+    if not torch.allclose(output[0, :3].float(), output[1, :3].float(), rtol=1e-3, atol=1e-4):
+        raise InvalidArgumentError(
+            f"model={type(model).__name__} is not a causal language model: its output at a position changes with "
+            "later tokens (bidirectional attention, as in BERT-style encoders, or an encoder checkpoint loaded with "
+            "a new LM head); allowed: a causal LM (what AutoModelForCausalLM loads from a decoder checkpoint)"
+        )
+
+
 def check_finite_weights(store: WeightStore, index: int) -> None:
     """Refuse a block with NaN or infinite parameters, naming the tensor (pruning would pass them on or rank them
     arbitrarily)."""
@@ -517,6 +549,8 @@ def prune_model(
     model.eval()
     try:
         with torch.no_grad():
+            if run.store.resident and run.spec.needs_calibration:  # calibrating a bidirectional model is refused
+                check_causal(model)  # before any work (magnitude runs no forward at all, and needs none)
             inputs = None
             if run.spec.needs_calibration and first < len(run.blocks):
                 capture = local if first == 0 else calibration_batches[:1]  # resumed: the arguments only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -551,6 +552,8 @@ def test_streaming_from_the_hub_downloads_safetensors_only_and_pushes(
 
     with HubServer({TOKEN}) as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        # transformers caches one HfApi (and its endpoint) on first use: a fresh one for this server
+        monkeypatch.setattr(importlib.import_module("transformers.utils.hub"), "_hf_api", None)
         monkeypatch.setattr(
             constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
         )

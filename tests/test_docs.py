@@ -60,6 +60,8 @@ def local_hub(tmp_path, monkeypatch):
 
     with HubServer({TOKEN}) as server:
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        # transformers caches one HfApi (and its endpoint) on first use: a fresh one for this server
+        monkeypatch.setattr(importlib.import_module("transformers.utils.hub"), "_hf_api", None)
         monkeypatch.setattr(
             constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
         )

@@ -9,6 +9,7 @@ run the console script's ``main()`` in this process (so the spies see inside); a
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -371,6 +372,8 @@ def _run_cli_in_process(case: Case, root: Path, monkeypatch, capsys) -> tuple[in
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", case.env["HF_HUB_OFFLINE"] == "1")
     if "HF_ENDPOINT" in case.env:
         monkeypatch.setattr(constants, "ENDPOINT", case.env["HF_ENDPOINT"])
+        # transformers caches one HfApi (and its endpoint) on first use: a fresh one for this server
+        monkeypatch.setattr(importlib.import_module("transformers.utils.hub"), "_hf_api", None)
     if "HF_TOKEN" in case.env:
         monkeypatch.delenv("HF_TOKEN")
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(root / "no-token"))
@@ -768,6 +771,8 @@ def test_a_hub_id_that_is_missing_or_failing_is_explained_before_loading(status,
         if status is not None:
             hub.state.fail_next("GET", r"^/api/models/org/missing", status)
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        # transformers caches one HfApi (and its endpoint) on first use: a fresh one for this server
+        monkeypatch.setattr(importlib.import_module("transformers.utils.hub"), "_hf_api", None)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(world / "empty-hub-cache"))
         code, err = _run_cli_in_process(Case("hub", _prune(model="org/missing")), world, monkeypatch, capsys)

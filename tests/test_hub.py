@@ -7,6 +7,7 @@ subprocess. Xet is disabled, so weights take the LFS path (batch, upload, verify
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def hub(server, tmp_path, monkeypatch, caplog):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    # transformers caches one HfApi (and its endpoint) on first use: a fresh one for this server
+    monkeypatch.setattr(importlib.import_module("transformers.utils.hub"), "_hf_api", None)
     monkeypatch.setattr(
         constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
     )

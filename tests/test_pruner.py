@@ -320,3 +320,27 @@ def test_a_targeted_linear_that_gets_no_input_is_named_before_its_block_changes_
     assert all((block.mlp.unused.weight != 0).all() for block in model.model.layers)
     gate = model.model.layers[1].mlp.gate_proj.weight
     assert int((gate == 0).sum()) == gate.numel() // 2
+
+
+def test_bidirectional_models_are_refused_before_any_work(tmp_path, tokenizer, corpus_text):
+    """A bare BERT encoder passed as a model, and a BERT checkpoint (which transformers loads as BertLMHeadModel
+    with a new, random head), are refused with one clear error, their weights untouched."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    from optimum_admm.errors import InvalidArgumentError
+
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=320
+    )
+    torch.manual_seed(0)
+    encoder = BertModel(config)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with pytest.raises(InvalidArgumentError, match="model=BertModel is not a causal language model"):
+        ADMMPruner.from_pretrained(encoder, tokenizer=tokenizer, config=ADMMConfig(num_samples=2, sequence_length=32)
+                                   ).prune([corpus_text], show_progress=False)  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
+    pruner = ADMMPruner.from_pretrained(str(tmp_path / "bert"), tokenizer=tokenizer,
+                                        config=ADMMConfig(num_samples=2, sequence_length=32))  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match="model=BertLMHeadModel is not a causal language model"):
+        pruner.prune([corpus_text], show_progress=False)
