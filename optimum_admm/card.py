@@ -78,6 +78,19 @@ def _base_license(base_model: str | None, name_or_path: str | None) -> str | Non
     return None
 
 
+def base_model_and_license(
+    model_config: Any, base_model: str | None, license: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """``(base_model, license, name_or_path)`` for a card: the base model defaults to the config's
+    ``_name_or_path`` when that is a Hub id, the license to the base model's (see :func:`_base_license`)."""
+    name_or_path = getattr(model_config, "_name_or_path", None) or None
+    if base_model is None and _is_hub_id(name_or_path):
+        base_model = name_or_path
+    if license is None:
+        license = _base_license(base_model, name_or_path)
+    return base_model, license, name_or_path
+
+
 def _method_summary(method: str) -> str:
     """First paragraph of the method's config docstring (the registry knows every method; nothing hard-coded)."""
     try:
@@ -347,11 +360,7 @@ def build_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    name_or_path = getattr(model_config, "_name_or_path", None) or None
-    if base_model is None and _is_hub_id(name_or_path):
-        base_model = name_or_path
-    if license is None:
-        license = _base_license(base_model, name_or_path)
+    base_model, license, name_or_path = base_model_and_license(model_config, base_model, license)
     config = metadata["config"]
     method = metadata["method"]
     pattern = str(config.get("mask_structure", "unstructured"))

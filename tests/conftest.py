@@ -228,3 +228,24 @@ def tree_hash(directory) -> str:
         if path.is_file():
             digest.update(path.relative_to(directory).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()
+
+
+def free_loopback_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a torchrun rendezvous or a test server)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(nproc: int, script, *args: str) -> list[str]:
+    """``python -m torch.distributed.run`` with ``nproc`` processes, rendezvous on 127.0.0.1 only."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_loopback_port()), str(script), *args]  # fmt: skip
+
+
+#: What every torchrun test launch adds to the environment: gloo over loopback, one thread per rank.
+GLOO_ENVIRONMENT = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import GLOO_ENVIRONMENT, build_tiny_model, torchrun_command
 
 from optimum_admm import ADMMPruner
 
@@ -31,20 +30,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun_command(script: str | Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), str(script), *args]  # fmt: skip
+    return torchrun_command(2, script, *args)
 
 
 def _environment() -> dict[str, str]:
-    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OPTIMUM_ADMM_DIST_TIMEOUT": "60"}  # fmt: skip
+    return {**os.environ, **GLOO_ENVIRONMENT, "OPTIMUM_ADMM_DIST_TIMEOUT": "60"}
 
 
 def _torchrun(script: str | Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import GLOO_ENVIRONMENT, torchrun_command
 
 WORKER = Path(__file__).parent / "shear_worker.py"
 
@@ -25,17 +24,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(nproc: int, out: Path, *extra: str) -> list[dict]:
     out.mkdir(parents=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out), *extra]  # fmt: skip
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = torchrun_command(nproc, WORKER, str(out), *extra)
+    env = {**os.environ, **GLOO_ENVIRONMENT}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{rank}-of-{nproc}.pt") for rank in range(nproc)]

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import GLOO_ENVIRONMENT, build_tiny_model, torchrun_command
 from torch import nn
 
 from optimum_admm import ADMMConfig, ADMMPruner
@@ -198,17 +196,11 @@ def test_keep_sparse_custom_loop_with_autocast_scaler_and_accumulation(pruned_mo
 DDP_WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun_ddp(nproc: int, out: Path, mode: str) -> list[dict]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_loopback_port()), str(DDP_WORKER), str(out), mode]  # fmt: skip
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    command = torchrun_command(nproc, DDP_WORKER, str(out), mode)
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **GLOO_ENVIRONMENT}, timeout=180
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{rank}.pt") for rank in range(nproc)]
 

@@ -152,13 +152,9 @@ def build_sheared_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..card import _base_license, _eval_results, _is_hub_id, _table
+    from ..card import _eval_results, _table, base_model_and_license
 
-    name_or_path = getattr(model_config, "_name_or_path", None) or None
-    if base_model is None and _is_hub_id(name_or_path):
-        base_model = name_or_path
-    if license is None:
-        license = _base_license(base_model, name_or_path)
+    base_model, license, _ = base_model_and_license(model_config, base_model, license)
     stem = (base_model or "model").split("/")[-1]
     target_layers = metadata["target_shape"].get("num_hidden_layers")
     model_name = repo_id.split("/")[-1] if repo_id else f"{stem}-sheared-{target_layers}l"
