@@ -106,6 +106,21 @@ class PruningReport:
     communication_seconds: float = 0.0
     #: Targeted layers left dense, and why (for example: no calibration input, the weight is read functionally).
     left_dense: dict[str, str] = field(default_factory=dict)
+    #: Every parameter of the model by kind (``attention``, ``mlp``, ``experts``, ``other`` inside the decoder
+    #: blocks, ``outside blocks``: embeddings, final norm, head): ``{kind: {"total": n, "zeros": pruned}}``.
+    parameters: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def model_fraction_pruned(self) -> float | None:
+        """The fraction of all the model's parameters this run set to zero (``None`` when not counted).
+
+        Example:
+            >>> PruningReport("admm", {}, parameters={"mlp": {"total": 80, "zeros": 40},
+            ...                                       "outside blocks": {"total": 20, "zeros": 0}}).model_fraction_pruned
+            0.4
+        """
+        total = sum(entry["total"] for entry in self.parameters.values())
+        return None if not total else sum(entry["zeros"] for entry in self.parameters.values()) / total
 
     @property
     def sparsity(self) -> float:
@@ -149,6 +164,17 @@ class PruningReport:
             f"{mean_text}, {self.total_seconds:.1f}s (forward {self.forward_seconds:.1f}s, statistics "
             f"{self.statistics_seconds:.1f}s, solve {self.solve_seconds:.1f}s)"
         )
+        fraction = self.model_fraction_pruned
+        if fraction is not None:  # the honest total: of every parameter, not only of the pruned layers
+            kinds = ", ".join(
+                f"{kind} {entry['zeros'] / entry['total']:.1%}"
+                for kind, entry in self.parameters.items()
+                if entry["total"]
+            )
+            total = sum(entry["total"] for entry in self.parameters.values())
+            lines.append(f"zeroed {fraction:.1%} of all {total:,} parameters of the model ({kinds})")
+        for name, reason in list(self.left_dense.items())[:5]:
+            lines.append(f"left dense: {name}: {reason}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -634,4 +634,29 @@ def _finish_report(run: _Run) -> PruningReport:
     report.load_seconds, report.write_seconds = seconds["load"], seconds["write"]
     report.communication_seconds = seconds["communication"]
     report.total_seconds = run.timer.wall
+    report.parameters = _parameters_by_kind(run)
     return report
+
+
+def _parameter_kind(name: str, blocks_name: str) -> str:
+    from .inspection import _kind
+
+    if not name.startswith(f"{blocks_name}."):
+        return "outside blocks"
+    if ".experts." in name:
+        return "experts"
+    module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
+    return "other" if "norm" in module else _kind(name)  # post_attention_layernorm is not attention
+
+
+def _parameters_by_kind(run: _Run) -> dict[str, dict[str, int]]:
+    """Every parameter of the model (shapes only: works on a meta skeleton) by kind, with the zeros this run made."""
+    blocks_name, _ = find_decoder_blocks(run.model)
+    counts: dict[str, dict[str, int]] = {}
+    for name, param in run.model.named_parameters():  # tied tensors once
+        entry = counts.setdefault(_parameter_kind(name, blocks_name), {"total": 0, "zeros": 0})
+        entry["total"] += param.numel()
+    for row in run.report.layers:
+        entry = counts.setdefault(_parameter_kind(f"{row.name}.weight", blocks_name), {"total": 0, "zeros": 0})
+        entry["zeros"] += round(row.sparsity * row.shape[0] * row.shape[1])
+    return counts

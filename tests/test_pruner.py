@@ -344,3 +344,23 @@ def test_bidirectional_models_are_refused_before_any_work(tmp_path, tokenizer, c
                                         config=ADMMConfig(num_samples=2, sequence_length=32))  # fmt: skip
     with pytest.raises(InvalidArgumentError, match="model=BertLMHeadModel is not a causal language model"):
         pruner.prune([corpus_text], show_progress=False)
+
+
+def test_report_accounts_for_every_parameter_of_the_model_by_kind():
+    """The honest total: the share of all the model's parameters that was zeroed, by kind."""
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("llama")
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(1))
+    report = ADMMPruner.from_pretrained(model, config=ADMMConfig(num_samples=4, sequence_length=32)).prune(
+        ids, show_progress=False
+    )
+    counts = report.parameters
+    assert sum(entry["total"] for entry in counts.values()) == sum(p.numel() for p in model.parameters())
+    assert counts["attention"]["zeros"] == counts["attention"]["total"] // 2  # q/k/v/o weights, no biases
+    assert counts["mlp"]["zeros"] == counts["mlp"]["total"] // 2
+    assert counts["outside blocks"]["zeros"] == 0 and counts["outside blocks"]["total"] > 0  # embeddings, head
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    assert report.model_fraction_pruned == pytest.approx(zeros / sum(p.numel() for p in model.parameters()), abs=1e-3)
+    assert report.model_fraction_pruned < report.sparsity  # the layers' 50% is not the model's
+    assert "zeroed" in report.summary() and "outside blocks 0.0%" in report.summary()
