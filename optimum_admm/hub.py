@@ -153,9 +153,14 @@ def push_folder_to_hub(
 def _default_message(folder: Path) -> str:
     import json
 
+    kind = "pruned"
     try:
         data = json.loads((folder / "pruning_config.json").read_text(encoding="utf-8"))
+        if data.get("method") == "sheared_llama":
+            kind = "sheared"
+            params = data["parameters"]
+            return f"Upload sheared model ({params['source']:,} -> {params['sheared']:,} parameters)"
         config = data["config"]
         return f"Upload pruned model ({data['method']}, {config['mask_structure']}, sparsity {config['sparsity']:g})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "Upload pruned model"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"Upload {kind} model"

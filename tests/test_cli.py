@@ -253,6 +253,7 @@ def test_shear_evaluates_writes_card_and_sidecar_and_pushes_to_the_hub(dense_dir
         assert TOKEN not in result.stdout + result.stderr
         assert "pushed to org/sheared" in result.stdout and "perplexity on calib.txt" in result.stdout
         pushed = hub.state.files("org/sheared")
+        assert hub.state.commits("org/sheared")[-1].message.startswith("Upload sheared model (")
     _assert_sheared(out, result.stdout)
     assert pushed["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert {"README.md", "pruning_config.json", "shearing_config.json", "shearing_state.safetensors"} <= set(pushed)

@@ -138,3 +138,20 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
         help="accelerate device map: 'auto', 'balanced', 'cpu', 'cuda:0' or a JSON object {module: device}.",
     )
     parser.add_argument("--offload-folder", default=None, help="Where a device map's 'disk' modules are offloaded.")
+
+
+def push_saved_output(args: Any, path: Path, what: str) -> None:
+    """``--push-to-hub``: push a saved output in one commit and print where; a failed push says where the output is
+    saved, so it can be retried (``what``: "pruned", "sheared")."""
+    if args.push_to_hub is None:
+        return
+    from ..errors import HubError
+    from ..hub import push_folder_to_hub
+
+    try:
+        info = push_folder_to_hub(
+            path, args.push_to_hub, private=True if args.private else None, revision=args.revision
+        )
+    except OSError as err:  # the model is saved: say where, so the push can be retried
+        raise HubError(f"{err} (the {what} model is saved in {path})") from None
+    print(f"pushed to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")

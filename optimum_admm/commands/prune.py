@@ -22,12 +22,13 @@ from ._arguments import (
     _sparsity,
     _texts,
     add_placement_arguments,
+    push_saved_output,
 )
 from ._boundary import GuardedCommand, add_debug_flag
 
 __all__ = ["PruneCommand"]
 
-from ..errors import CalibrationDataError, HubError, InvalidArgumentError  # noqa: E402 (light: no torch)
+from ..errors import CalibrationDataError, InvalidArgumentError  # noqa: E402 (light: no torch)
 
 
 class PruneCommand(GuardedCommand):
@@ -320,7 +321,7 @@ class PruneCommand(GuardedCommand):
             repo_id=args.push_to_hub,
         )
         print(f"saved to {path}")
-        self._push(path)
+        push_saved_output(self.args, path, "pruned")
 
     def _check_large_model_arguments(self) -> int | str | None:
         """Check --checkpoint-dir, --activation-memory, --activation-cache-dir, --streaming and the options it excludes,
@@ -469,7 +470,7 @@ class PruneCommand(GuardedCommand):
             print(f"perplexity on {dataset}: {measured.perplexity:.4f}")
         path = result.save_dir.resolve()
         print(f"saved to {path}")
-        self._push(path)
+        push_saved_output(self.args, path, "pruned")
 
     def _streamed_evaluation(self, config: Any):
         """The ``evaluate`` callback of a streamed prune: the staged output, loaded whole (the same numbers as
@@ -493,20 +494,6 @@ class PruneCommand(GuardedCommand):
             return {_dataset_key(args.eval_dataset): measured}
 
         return evaluate
-
-    def _push(self, path: Path) -> None:
-        args = self.args
-        if args.push_to_hub is None:
-            return
-        from ..hub import push_folder_to_hub
-
-        try:
-            info = push_folder_to_hub(
-                path, args.push_to_hub, private=True if args.private else None, revision=args.revision
-            )
-        except OSError as err:  # the model is saved: say where, so the push can be retried
-            raise HubError(f"{err} (the pruned model is saved in {path})") from None
-        print(f"pushed to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")
 
 
 def _torch_dtype(text: str) -> Any:

@@ -16,6 +16,7 @@ from ._arguments import (
     _positive_float,
     _positive_int,
     _texts,
+    push_saved_output,
 )
 from ._boundary import GuardedCommand, add_debug_flag
 
@@ -97,10 +98,6 @@ def _shearing_config(text: str) -> Any:
             raise ValueError(f"{key!r} is given twice")
         values[key] = _inline_value(key, value, fields[key])
     return ShearingConfig(**values)
-
-
-def _count_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
 
 
 class ShearCommand(GuardedCommand):
@@ -211,7 +208,7 @@ class ShearCommand(GuardedCommand):
 
         from ..calibration import load_named_texts
         from ..distributed import current
-        from ..structured.api import _commit_message, pack_tokens, shear
+        from ..structured.api import _count_parameters, pack_tokens, shear
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         if args.dataset in _NAMED_DATASETS:
@@ -275,18 +272,4 @@ class ShearCommand(GuardedCommand):
         print(f"shape: {shape}")
         print(f"parameters: {before:,} -> {after:,} ({after / before:.1%})")
         print(f"saved to {target}")
-        if args.push_to_hub is not None:
-            from ..errors import HubError
-            from ..hub import push_folder_to_hub
-
-            try:
-                info = push_folder_to_hub(
-                    target,
-                    args.push_to_hub,
-                    private=True if args.private else None,
-                    revision=args.revision,
-                    commit_message=_commit_message(result.metadata(evaluation)),
-                )
-            except OSError as err:  # the model is saved: say where, so the push can be retried
-                raise HubError(f"{err} (the sheared model is saved in {target})") from None
-            print(f"pushed to {args.push_to_hub}: {getattr(info, 'commit_url', info)}")
+        push_saved_output(args, target, "sheared")

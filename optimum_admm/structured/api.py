@@ -136,17 +136,10 @@ class ShearingResult:
                 private=private,
                 token=token,
                 revision=revision,
-                commit_message=commit_message or _commit_message(metadata),
+                commit_message=commit_message,  # default: named from the sidecar by the uploader
                 create_pr=create_pr,
             )
         return target
-
-
-def _commit_message(metadata: dict[str, Any]) -> str:
-    params = metadata.get("parameters") or {}
-    if params.get("source") and params.get("sheared"):
-        return f"Upload sheared model ({params['source']:,} -> {params['sheared']:,} parameters)"
-    return "Upload sheared model"
 
 
 def _count_parameters(model: Any) -> int:
