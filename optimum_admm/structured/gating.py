@@ -268,18 +268,12 @@ class ShearingModule(nn.Module):
         from ..distributed import current
 
         group = current()
-        params = list(self.parameters())
         if group.enabled:
-            flat = torch.cat(
-                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-            )
-            group.all_reduce_(flat)
-            flat /= group.world_size
-            offset = 0
-            for p in params:
-                count = p.numel()
-                p.grad = flat[offset : offset + count].view_as(p).to(p.dtype).clone()
-                offset += count
+            for param in self.parameters():  # a handful of small fp32 tensors
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                group.all_reduce_(param.grad)
+                param.grad /= group.world_size
         self.penalty().backward()
 
     def broadcast_from_rank_zero(self) -> None:

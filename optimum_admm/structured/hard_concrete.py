@@ -55,6 +55,11 @@ def sample_hard_concrete(
     u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=torch.float32)
     u = u.clamp(epsilon, 1.0 - epsilon)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha.float()) / temperature)
+    return _stretch(s, limit_left, limit_right)
+
+
+def _stretch(s: torch.Tensor, limit_left: float, limit_right: float) -> torch.Tensor:
+    """``clamp(s * (zeta - gamma) + gamma, 0, 1)``: the stretched, hard-clipped gate value."""
     return (s * (limit_right - limit_left) + limit_left).clamp(0.0, 1.0)
 
 
@@ -161,11 +166,10 @@ class HardConcreteGates(nn.Module):
         training uses :meth:`sample`.
         """
         self.clamp_()
-        out = {}
-        for name, param in self.log_alpha.items():
-            s = torch.sigmoid(param.float() / self.temperature)
-            out[name] = (s * (self.limit_right - self.limit_left) + self.limit_left).clamp(0.0, 1.0)
-        return out
+        return {
+            name: _stretch(torch.sigmoid(param.float() / self.temperature), self.limit_left, self.limit_right)
+            for name, param in self.log_alpha.items()
+        }
 
     def keep_probabilities(self) -> dict[str, torch.Tensor]:
         """Closed-form ``P(z != 0)`` for every structure (differentiable)."""
