@@ -110,6 +110,12 @@ def _check_type(name: str, value: Any, types: type | tuple[type, ...], allowed: 
         raise InvalidArgumentError(f"{name}={value!r} is invalid; allowed: {allowed}, finite")
 
 
+#: The routers of mixture-of-experts layers, in the default ``ignore``: modules named ``router``, ``gate`` or
+#: ``shared_expert_gate`` and anything inside them (a plain ``nn.Linear`` in afmoe, dbrx, hunyuan or jetmoe; a
+#: subclass or a bare parameter elsewhere). Dense feed-forward gates are named ``gate_proj`` and are not matched.
+ROUTERS = r"re:(.*\.)?(router|gate|shared_expert_gate)(\..*)?"
+
+
 @dataclass
 class PruningConfig:
     """Fields shared by every pruning method.
@@ -147,8 +153,20 @@ class PruningConfig:
         },
     )
     ignore: list[str] = field(
-        default_factory=lambda: ["lm_head"],
-        metadata={"help": "Modules never pruned; same matching rules as targets. lm_head is ignored by default."},
+        default_factory=lambda: ["lm_head", ROUTERS],
+        metadata={
+            "help": "Modules never pruned; same matching rules as targets. By default the LM head and the routers of "
+            "mixture-of-experts layers (modules named router, gate or shared_expert_gate, whatever their class): "
+            "pruning a router changes which experts every token reaches."
+        },
+    )
+    calibrate_all_experts: bool = field(
+        default=False,
+        metadata={
+            "help": "Calibrate every expert of a mixture-of-experts layer on every token, not only on the tokens "
+            "the router sends it (outputs stay routed). Costs one expert forward per token and expert; helps "
+            "experts that receive few tokens. An expert that receives none is calibrated on every token either way."
+        },
     )
     true_sequential: bool = field(
         default=False,
@@ -207,6 +225,7 @@ class PruningConfig:
                 raise InvalidArgumentError("targets=[] is invalid; allowed: a non-empty list of patterns")
             setattr(self, name, list(value))
         _check_type("true_sequential", self.true_sequential, bool, "True or False")
+        _check_type("calibrate_all_experts", self.calibrate_all_experts, bool, "True or False")
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -30,6 +30,7 @@ from .configuration import RECIPE_FILE, PruningConfig
 from .errors import InvalidArgumentError
 from .files import staged_directory
 from .hub_files import saved_file
+from .modeling import weight_name
 from .reporting import PruningReport
 from .version import __version__
 
@@ -216,7 +217,9 @@ def _pack_masks(model: nn.Module, report: PruningReport) -> tuple[dict[str, torc
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for row in report.layers:
-        key = f"{row.name}.weight"
+        key = weight_name(model, row.name)  # one mask per fused experts tensor, whichever experts were pruned
+        if key in tensors:
+            continue
         weight = store.read(key)
         bits = np.packbits((weight != 0).flatten().cpu().numpy(), bitorder="little")
         tensors[key] = torch.from_numpy(bits)

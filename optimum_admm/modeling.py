@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError
+from .experts import ExpertMatrix, expert_parameters, find_experts
 
 __all__ = [
     "find_decoder_blocks",
@@ -24,6 +25,7 @@ __all__ = [
     "dense_block_parameters",
     "execution_device",
     "is_linear",
+    "weight_name",
 ]
 
 
@@ -101,8 +103,9 @@ def matches(name: str, module: nn.Module, pattern: str) -> bool:
     """
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    if any(pattern == cls.__name__ for cls in type(module).__mro__[:-1]):  # along the class hierarchy:
-        return True  # "Linear" matches Falcon's FalconLinear(nn.Linear) and other subclasses
+    classes = [cls.__name__ for cls in type(module).__mro__[:-1]] + list(getattr(module, "linear_aliases", ()))
+    if pattern in classes:  # along the class hierarchy: "Linear" matches Falcon's FalconLinear(nn.Linear) and
+        return True  # other subclasses, and one expert's matrix of fused experts (an ExpertMatrix)
     return name == pattern or name.endswith("." + pattern)
 
 
@@ -126,6 +129,7 @@ def find_prunable_layers(
     if blocks is None or blocks_name is None:
         blocks_name, blocks = find_decoder_blocks(model)
     all_modules = list(model.named_modules())
+    all_modules += [item for block_experts in _model_experts(blocks, blocks_name) for item in block_experts]
     for pattern in targets:
         if pattern in default_targets:
             continue
@@ -142,6 +146,10 @@ def find_prunable_layers(
             name = f"{prefix}.{local_name}" if local_name else prefix
             if is_linear(module) and _matches_any(name, module, targets) and not _matches_any(name, module, ignore):
                 layers[name] = module
+        for experts in find_experts(block, prefix):  # fused experts: one linear per expert and matrix
+            for name, matrix in experts.named_matrices():
+                if _matches_any(name, matrix, targets) and not _matches_any(name, matrix, ignore):
+                    layers[name] = matrix
         per_block.append(layers)
     if not any(per_block):
         raise InvalidArgumentError(
@@ -149,6 +157,14 @@ def find_prunable_layers(
             f"({blocks_name}) of {type(model).__name__}"
         )
     return per_block
+
+
+def _model_experts(blocks: nn.ModuleList, blocks_name: str) -> list[list[tuple[str, ExpertMatrix]]]:
+    prefixes = [f"{blocks_name}.{i}" if blocks_name else str(i) for i in range(len(blocks))]
+    return [
+        [item for experts in find_experts(block, prefix) for item in experts.named_matrices()]
+        for prefix, block in zip(prefixes, blocks, strict=True)
+    ]
 
 
 def dense_block_parameters(
@@ -170,6 +186,8 @@ def dense_block_parameters(
     for index, block in enumerate(blocks):
         prefix = f"{blocks_name}.{index}" if blocks_name else str(index)
         owned = {id(module) for module in layers_per_block[index].values()}
+        # a fused experts tensor is covered by its experts' matrices (some may be ignored on purpose)
+        experts = {id(m.owner) for m in layers_per_block[index].values() if isinstance(m, ExpertMatrix)}
         for local, module in block.named_modules():
             name = f"{prefix}.{local}" if local else prefix
             for parameter_name, parameter in module.named_parameters(recurse=False):
@@ -177,9 +195,28 @@ def dense_block_parameters(
                     continue
                 total += parameter.numel()
                 # A linear that is not targeted was left out by the targets or ignore patterns: on purpose.
+                if id(module) in experts and (
+                    parameter_name in expert_parameters(module) or parameter_name.endswith("_bias")
+                ):
+                    continue  # the experts' weights (pruned per expert) and their biases (never pruned)
                 if id(module) not in owned and not is_linear(module) and not _matches_any(name, module, patterns):
                     left.append((f"{name}.{parameter_name}", parameter.numel()))
     return sorted(left, key=lambda item: -item[1]), total
+
+
+def weight_name(model: nn.Module, layer: str) -> str:
+    """The parameter holding a pruned layer's weight: ``<layer>.weight``, or the fused experts tensor of one
+    expert's matrix (``...experts.3.down_proj`` -> ``...experts.down_proj``).
+
+    Example:
+        >>> from torch import nn
+        >>> weight_name(nn.Sequential(nn.Linear(2, 2)), "0")
+        '0.weight'
+    """
+    from .experts import expert_matrix
+
+    found = expert_matrix(model, layer)
+    return f"{layer}.weight" if found is None else f"{found[0]}.{found[1].parameter}"
 
 
 def get_weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -188,12 +225,14 @@ def get_weight_matrix(module: nn.Module) -> torch.Tensor:
     The one accessor of a module's weight outside the stores: call it on a module whose weights are present (held by
     :meth:`optimum_admm.stores.WeightStore.module`, or an in-memory model).
     """
+    if isinstance(module, ExpertMatrix):
+        return module.matrix()
     return module.weight.data.T if _is_conv1d(module) else module.weight.data
 
 
 def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an ``(out_features, in_features)`` weight back in the module's own layout, dtype and device."""
-    target = module.weight.data
+    target = module.matrix() if isinstance(module, ExpertMatrix) else module.weight.data
     value = weight.T if _is_conv1d(module) else weight
     target.copy_(value.to(device=target.device, dtype=target.dtype))
 

@@ -106,6 +106,8 @@ class PruningReport:
     communication_seconds: float = 0.0
     #: Targeted layers left dense, and why (for example: no calibration input, the weight is read functionally).
     left_dense: dict[str, str] = field(default_factory=dict)
+    #: Expert matrices calibrated on every token because the router sent them none (the policy for unrouted experts).
+    expert_fallbacks: dict[str, str] = field(default_factory=dict)
     #: Every parameter of the model by kind (``attention``, ``mlp``, ``experts``, ``other`` inside the decoder
     #: blocks, ``outside blocks``: embeddings, final norm, head): ``{kind: {"total": n, "zeros": pruned}}``.
     parameters: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -175,6 +177,13 @@ class PruningReport:
             lines.append(f"zeroed {fraction:.1%} of all {total:,} parameters of the model ({kinds})")
         for name, reason in list(self.left_dense.items())[:5]:
             lines.append(f"left dense: {name}: {reason}")
+        if self.expert_fallbacks:
+            names = list(self.expert_fallbacks)
+            more = f", ... {len(names) - 5} more" if len(names) > 5 else ""
+            lines.append(
+                f"{len(names)} expert matrices received no routed token and were calibrated on every token: "
+                f"{', '.join(names[:5])}{more}"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:

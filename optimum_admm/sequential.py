@@ -31,6 +31,7 @@ from .configuration import PruningConfig, default_of
 from .distributed import Distributed, assign_layers
 from .distributed import current as current_group
 from .errors import InvalidArgumentError, NonFiniteWeightsError, UnprunedLayersError
+from .experts import ExpertMatrix, ExpertSet, find_experts, routed_calibration
 from .masks import row_chunks
 from .memory import ActivationMemory, release_freed_host_memory
 from .modeling import (
@@ -83,6 +84,8 @@ class _Run:
     show_progress: bool = False
     #: the targeted linears of every block, by full name
     layers: dict[str, nn.Module] = field(default_factory=dict)
+    #: the fused experts modules of every block (run through their per-expert matrices while calibrating)
+    experts: list[list[ExpertSet]] = field(default_factory=list)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -257,8 +260,11 @@ def _run_block(block: nn.Module, inputs: _BlockInputs, index: int, device: torch
         yield stash(_first_output(block(hidden.to(device), *args, **kwargs)), storage)
 
 
-def _share_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: _BlockInputs, index: int, device):
-    """Group the block's layers by shared input, in execution order, from one probe forward on the first batch."""
+def _share_groups(
+    block: nn.Module, layers: dict[str, nn.Module], inputs: _BlockInputs, index: int, device, experts=()
+) -> list[list[str]]:
+    """Group the block's layers by shared input, in execution order, from one probe forward on the first batch
+    (the gate and up matrices of an expert that receives no token of that batch are grouped by their expert)."""
     seen: list[tuple[str, torch.Tensor]] = []
     names = {module: name for name, module in layers.items()}
 
@@ -268,8 +274,9 @@ def _share_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: _Block
     handles = [m.register_forward_pre_hook(hook) for m in layers.values()]
     try:
         probe = _BlockInputs(hidden=inputs.hidden[:1], arguments=inputs.arguments)
-        for _ in _run_block(block, probe, index, device, device):
-            pass
+        with routed_calibration(experts):
+            for _ in _run_block(block, probe, index, device, device):
+                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -287,13 +294,23 @@ def _share_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: _Block
         else:
             groups.append([name])
             group_inputs.append(tensor)
-    groups.extend([name] for name in layers if name not in assigned)  # never called on the probe batch
-    return groups
+    uncalled: dict[Any, list[str]] = {}  # never called on the probe batch
+    for name, module in layers.items():
+        if name not in assigned:
+            key = (
+                (id(module.owner), module.expert, module.role == "down_proj")
+                if isinstance(module, ExpertMatrix)
+                else name
+            )
+            uncalled.setdefault(key, []).append(name)
+    return groups + list(uncalled.values())
 
 
-def _accumulate(run: _Run, block, layers, groups, inputs, index, device) -> dict[str, StatisticAccumulator]:
+def _accumulate(
+    run: _Run, block, layers, groups, inputs, index, device, all_tokens: bool | list[str] = False
+) -> dict[str, StatisticAccumulator]:
     """Run the block on every batch; one accumulator of the method's statistic per group, filled by a hook on the
-    group's first layer."""
+    group's first layer. Experts see the tokens routed to them (every token with ``all_tokens``)."""
     accumulators: dict[str, StatisticAccumulator] = {}
     handles = []
     for group in groups:
@@ -308,7 +325,7 @@ def _accumulate(run: _Run, block, layers, groups, inputs, index, device) -> dict
 
         handles.append(leader.register_forward_pre_hook(hook))
     try:
-        with run.timer.phase("forward"):
+        with run.timer.phase("forward"), routed_calibration(run.experts[index], all_tokens):
             for _ in _run_block(block, inputs, index, device, device):
                 pass
     finally:
@@ -417,12 +434,28 @@ def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
         return
     device = execution_device(block)
     with run.timer.phase("forward"):
-        groups = _share_groups(block, layers, inputs, index, device)
+        groups = _share_groups(block, layers, inputs, index, device, run.experts[index])
     release_freed_host_memory()  # the probe forward's temporaries, before the statistics are allocated
     stages = groups if run.config.true_sequential else [[n for g in groups for n in g]]
+    every = run.config.calibrate_all_experts
     for stage in stages:
-        accumulators = _accumulate(run, block, layers, [g for g in groups if g[0] in stage], inputs, index, device)
+        stage_groups = [g for g in groups if g[0] in stage]
+        accumulators = _accumulate(run, block, layers, stage_groups, inputs, index, device, every)
         release_freed_host_memory()  # the forwards' temporaries, before the solves allocate theirs
+        unrouted = [n for n in stage if isinstance(layers[n], ExpertMatrix) and accumulators[n].num_tokens == 0]
+        if unrouted:  # the documented policy: an expert no token reaches is calibrated on every token
+            again = [g for g in stage_groups if g[0] in unrouted]
+            accumulators.update(_accumulate(run, block, layers, again, inputs, index, device, unrouted))
+            for name in unrouted:
+                run.report.expert_fallbacks[name] = (
+                    f"no calibration token was routed to this expert; calibrated on all "
+                    f"{accumulators[name].num_tokens} tokens of the block instead"
+                )
+            logger.info(
+                "block %d: %d expert matrices received no routed token: calibrated on every token",
+                index,
+                len(unrouted),
+            )
         _solve_stage(run, stage, accumulators)
     if index + 1 < len(run.blocks):  # the last block's outputs feed nothing
         with run.timer.phase("forward"):
@@ -623,6 +656,7 @@ def _new_run(model, config, store, checkpoint_dir, allow_unpruned: bool = False)
     run = _Run(model, config, get_spec(config), store, blocks, layers, report, store.timer, directory)
     run.dist = current_group()
     run.layers = {name: module for block_layers in layers for name, module in block_layers.items()}
+    run.experts = [find_experts(block, store.block_name(i)) for i, block in enumerate(blocks)]
     return run
 
 

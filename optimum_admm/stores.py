@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .experts import expert_matrix
 from .modeling import execution_device
 from .offload import find_offload_hook, onloaded
 from .reporting import PhaseTimer
@@ -94,7 +95,15 @@ class WeightStore:
 
     @contextlib.contextmanager
     def module(self, name: str, write: bool = True) -> Iterator[nn.Module]:
-        """The module ``name`` with its own parameters present; changes are kept when ``write``."""
+        """The module ``name`` with its own parameters present; changes are kept when ``write``. One expert's matrix
+        of fused experts (``<experts module>.<expert>.<role>``) is held through its experts module."""
+        found = expert_matrix(self.model, name)
+        with self._hold(name if found is None else found[0], write) as module:
+            yield module if found is None else found[1]
+
+    @contextlib.contextmanager
+    def _hold(self, name: str, write: bool) -> Iterator[nn.Module]:
+        """A real submodule with its own parameters present (what :meth:`module` needs of a store)."""
         yield self.model.get_submodule(name)
 
     def parameter_owners(self, index: int) -> Iterator[tuple[str, nn.Module]]:
@@ -159,7 +168,7 @@ class OffloadedStore(WeightStore):
     """
 
     @contextlib.contextmanager
-    def module(self, name: str, write: bool = True) -> Iterator[nn.Module]:
+    def _hold(self, name: str, write: bool) -> Iterator[nn.Module]:
         with onloaded(self.model, name, write_back=write) as sub:
             yield sub
 

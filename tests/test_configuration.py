@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from optimum_admm import ADMMConfig, PruningConfig
-from optimum_admm.configuration import parse_nm
+from optimum_admm.configuration import ROUTERS, parse_nm
 
 
 def test_defaults_match_the_paper():
@@ -18,7 +18,7 @@ def test_defaults_match_the_paper():
     assert (config.iterations, config.mask_iterations, config.rho, config.dampening) == (20, 15, 1.0, 0.1)
     assert (config.num_samples, config.sequence_length, config.seed) == (128, 2048, 0)
     assert config.schedule == "cubic" and config.per_output is False and config.true_sequential is False
-    assert config.ignore == ["lm_head"]
+    assert config.ignore == ["lm_head", ROUTERS]
 
 
 @pytest.mark.parametrize(

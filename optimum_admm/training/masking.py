@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..experts import expert_parameters, is_experts_module
 from ..modeling import is_linear
 
 __all__ = ["Masks", "SparsityGuard", "apply_masks_", "canonical_name", "keep_sparse", "masks_from_model"]
@@ -120,14 +121,22 @@ def masks_from_model(model: nn.Module, *, min_sparsity: float = 0.0) -> dict[str
     store = store_for(model)  # offloaded weights are read from accelerate's weights map, not skipped as `meta`
     masks: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if not is_linear(module) or any(f"{name}.".startswith(prefix) for prefix in adapters):
+        if any(f"{name}.".startswith(prefix) for prefix in adapters):
             continue
-        weight = store.read(f"{name}.weight" if name else "weight")
-        if weight.is_meta:
+        if is_linear(module):
+            weights = ["weight"]
+        elif is_experts_module(module):  # fused experts: one 3-D mask per fused tensor
+            weights = expert_parameters(module)
+        else:
             continue
-        kept = weight != 0
-        if 1.0 - kept.float().mean().item() > min_sparsity:
-            masks[canonical_name(f"{name}.weight" if name else "weight")] = kept
+        for local in weights:
+            key = f"{name}.{local}" if name else local
+            weight = store.read(key)
+            if weight.is_meta:
+                continue
+            kept = weight != 0
+            if 1.0 - kept.float().mean().item() > min_sparsity:
+                masks[canonical_name(key)] = kept
     logger.info("masks from exact zeros: %d weights", len(masks))
     return masks
 
