@@ -26,6 +26,9 @@ __all__ = [
     "execution_device",
     "is_linear",
     "weight_name",
+    "dense_outside_blocks",
+    "towers",
+    "language_model",
 ]
 
 
@@ -48,6 +51,29 @@ def _is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+def towers(model: nn.Module) -> list[str]:
+    """Names of the separate models inside a multimodal model (vision and audio towers): nested ``PreTrainedModel``
+    submodules configured by neither the model's config nor its text config. They are left dense by default.
+
+    Example:
+        >>> from torch import nn
+        >>> towers(nn.Linear(2, 2))
+        []
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found: list[str] = []
+    for name, module in model.named_modules():
+        sub = getattr(module, "config", None)
+        if not name or sub is None or sub is config or sub is text or not hasattr(module, "base_model_prefix"):
+            continue
+        if not any(name.startswith(f"{outer}.") for outer in found):
+            found.append(name)
+    return found
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(name, blocks)`` for the decoder blocks of ``model``.
 
@@ -62,8 +88,11 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         'model.layers'
     """
     best: tuple[int, str, nn.ModuleList] | None = None
+    separate = towers(model)  # a vision tower's encoder layers are not the language decoder
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(f"{tower}.") for tower in separate):
             continue
         first_type = type(module[0])
         if not all(type(child) is first_type for child in module):
@@ -202,6 +231,61 @@ def dense_block_parameters(
                 if id(module) not in owned and not is_linear(module) and not _matches_any(name, module, patterns):
                     left.append((f"{name}.{parameter_name}", parameter.numel()))
     return sorted(left, key=lambda item: -item[1]), total
+
+
+def dense_outside_blocks(
+    model: nn.Module, blocks_name: str, ignore: Iterable[str]
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Matrices outside the decoder blocks that stay dense without being asked to, largest first, as
+    ``(in other block stacks, elsewhere)``: a second ``nn.ModuleList`` of blocks holding linears (the part a user
+    expects pruned), and projections outside any stack (named in a warning). Input and output embeddings, what
+    ``ignore`` names and, in a multimodal model, everything outside its language model (towers, projectors) are
+    left out: they stay dense by default."""
+    patterns = list(ignore)
+    language = language_model(model)
+    embeddings = [m for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")) if m]
+    exempt = {id(p) for m in embeddings for p in m.parameters()}
+    stacks = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and name != blocks_name
+        and len(module)
+        and all(any(is_linear(m) for m in child.modules()) for child in module)
+    ]
+    in_stacks, elsewhere = [], []
+    for name, module in model.named_modules():
+        if name == blocks_name or name.startswith(f"{blocks_name}.") or isinstance(module, nn.Embedding):
+            continue
+        if language is not None and not (name == language or name.startswith(f"{language}.")):
+            continue
+        if _matches_any(name, module, patterns):
+            continue
+        for local, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() >= 2 and id(parameter) not in exempt:
+                entry = (f"{name}.{local}" if name else local, parameter.numel())
+                stacked = any(name.startswith(f"{stack}.") for stack in stacks)
+                (in_stacks if stacked else elsewhere).append(entry)
+    return sorted(in_stacks, key=lambda item: -item[1]), sorted(elsewhere, key=lambda item: -item[1])
+
+
+def language_model(model: nn.Module) -> str | None:
+    """The name of a multimodal model's language model (the submodule configured by its text config), ``None`` for
+    a text-only model."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    text = config.get_text_config()
+    if text is config:
+        return None
+    return next((n for n, m in model.named_modules() if n and getattr(m, "config", None) is text), None)
+
+
+def _call(model: nn.Module, method: str) -> nn.Module | None:
+    try:
+        return getattr(model, method)() if hasattr(model, method) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def weight_name(model: nn.Module, layer: str) -> str:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,14 @@ from .masks import row_chunks
 from .memory import ActivationMemory, release_freed_host_memory
 from .modeling import (
     dense_block_parameters,
+    dense_outside_blocks,
     execution_device,
     find_decoder_blocks,
     find_prunable_layers,
     get_weight_matrix,
+    language_model,
     set_weight_matrix,
+    towers,
 )
 from .registry import MethodSpec, get_spec
 from .reporting import LayerReport, PhaseTimer, PruningReport
@@ -59,9 +62,16 @@ class _StopForward(Exception):
 @dataclass
 class _BlockInputs:
     hidden: list[torch.Tensor]  # one (batch, seq, hidden) tensor per calibration batch, kept in `storage`
-    # per block: the other positional and the keyword arguments it receives (the same for every sample)
+    # per block: the other positional and the keyword arguments it receives for the first sample
     arguments: list[tuple[tuple[Any, ...], dict[str, Any]]]
     storage: Storage = torch.device("cpu")  # where block outputs are kept for the next block
+    #: per block and sample, when some argument depends on the sample (Gemma 4's per-layer inputs, DeepSeek-V4's
+    #: token ids for hash routing): the arguments, sharing every value that equals the first sample's
+    per_sample: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] | None = None
+
+    def of(self, index: int, sample: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Block ``index``'s arguments for calibration sample ``sample``."""
+        return self.arguments[index] if self.per_sample is None else self.per_sample[index][sample]
 
 
 @dataclass
@@ -111,7 +121,7 @@ def _same(a: Any, b: Any) -> bool:
         return torch.equal(a, b)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=False))
-    if isinstance(a, dict) and isinstance(b, dict):
+    if isinstance(a, Mapping) and isinstance(b, Mapping):  # dicts, and mappings such as a ModelOutput
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a is b or a == b
 
@@ -138,7 +148,7 @@ def check_causal(model: nn.Module) -> None:
         return
     ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]], device=input_device(model))
     try:
-        output = model(input_ids=ids)
+        output = model(input_ids=ids, use_cache=False)  # hybrid caches (Jamba, Qwen3-Next) need a full forward
     except TypeError:  # a model that takes no input_ids: calibration will say what it needs
         return
     output = output.to_tuple()[0] if hasattr(output, "to_tuple") else _first_output(output)  # logits / hidden
@@ -178,6 +188,62 @@ def _check_finite_inputs(hidden_states: torch.Tensor, sample: int) -> None:
         )
 
 
+def _safe_same(a: Any, b: Any) -> bool:
+    try:
+        return _same(a, b)
+    except Exception:  # a value whose comparison raises (a mapping of caches filled during the forward): differs
+        return False
+
+
+def _sharing(received: tuple[tuple[Any, ...], dict[str, Any]], first: tuple[tuple[Any, ...], dict[str, Any]]):
+    """``received`` with every value equal to the first sample's replaced by that value (one copy in memory)."""
+    shared = first[0]
+    args = tuple(shared[i] if i < len(shared) and _safe_same(a, shared[i]) else a for i, a in enumerate(received[0]))
+    kwargs = {k: first[1][k] if k in first[1] and _safe_same(v, first[1][k]) else v for k, v in received[1].items()}
+    return args, kwargs
+
+
+class _Capture:
+    """The pre- and post-forward hooks of the input capture on every block, and what they record."""
+
+    def __init__(self, blocks: nn.ModuleList, storage: Storage, store: WeightStore) -> None:
+        self.blocks, self.storage, self.store = blocks, storage, store
+        self.hidden: list[torch.Tensor] = []
+        self.arguments: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * len(blocks)
+        self.per_sample: list[list[Any]] = [[] for _ in blocks]
+        self.full, self.replay, self.dependent = True, False, False
+
+    def before(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            kwargs = dict(kwargs)
+            hidden_states = args[0] if args else kwargs.pop("hidden_states")
+            received = (tuple(args[1:]), kwargs)
+            if index == 0 and not self.replay:
+                _check_finite_inputs(hidden_states, len(self.hidden))
+                self.hidden.append(stash(hidden_states, self.storage))
+            if self.replay:  # a later sample through every block: its own arguments, sharing the first's
+                self.per_sample[index].append(_sharing(received, self.arguments[index]))
+            elif not self.full:
+                self.dependent = self.dependent or not _safe_same(received, self.arguments[0])
+                raise _StopForward
+            else:
+                self.arguments[index] = received
+                self.per_sample[index].append(received)
+            self.store.load_block(index)
+            if not self.store.resident:  # a streamed block is checked as it is read, before its forward
+                check_finite_weights(self.store, index)
+
+        return hook
+
+    def after(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self.store.release_block(index)
+            if index == len(self.blocks) - 1:
+                raise _StopForward  # the final norm and the head are not needed (a tied head reads the embedding)
+
+        return hook
+
+
 def _capture_inputs(
     model: nn.Module,
     blocks: nn.ModuleList,
@@ -185,78 +251,62 @@ def _capture_inputs(
     storage: Storage,
     store: WeightStore | None = None,
 ) -> _BlockInputs:
-    """Record the first block's hidden states for every batch and each block's keyword arguments.
+    """Record the first block's hidden states for every batch and each block's other arguments.
 
     The first batch runs through every (dense) block so that every block's own arguments are seen (models such
     as Gemma 3 give sliding-window and global layers different masks and rotary tables) and stops after the last
-    one; the other batches stop at the first block. Keyword arguments must not depend on the sample, which holds
-    for unpadded windows. The store loads each block just before its forward and releases it just after (streaming
+    one; the other batches stop at the first block. When the first block's arguments differ from one sample to the
+    next (per-layer inputs, token ids for hash routing, caches filled during the forward), every other batch also
+    runs through every dense block and each block's arguments are kept per sample (values equal to the first
+    sample's are shared). The store loads each block just before its forward and releases it just after (streaming
     holds one block at a time) and may embed the tokens itself (streaming reads only the embedding rows they use).
     """
     if store is None:
         store = InMemoryStore(model)
         store.bind(find_decoder_blocks(model)[0], blocks)
-    hidden: list[torch.Tensor] = []
-    arguments: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * len(blocks)
-    state = {"full": True}
-
-    def make_hook(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            kwargs = dict(kwargs)
-            hidden_states = args[0] if args else kwargs.pop("hidden_states")
-            received = (tuple(args[1:]), kwargs)
-            if index == 0:
-                _check_finite_inputs(hidden_states, len(hidden))
-                hidden.append(stash(hidden_states, storage))
-            if not state["full"]:
-                if not _same(received, arguments[0]):
-                    raise RuntimeError(
-                        "the first decoder block received different keyword arguments for different calibration "
-                        "samples; optimum-admm needs sample-independent masks and positions (unpadded windows)"
-                    )
-                raise _StopForward
-            arguments[index] = received
-            store.load_block(index)
-            if not store.resident:  # a streamed block is checked as it is read, before its forward
-                check_finite_weights(store, index)
-
-        return hook
-
-    def after_block(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            store.release_block(index)
-            if index == len(blocks) - 1:
-                raise _StopForward  # the final norm and the head are not needed (a tied head reads the embedding)
-
-        return hook
-
-    handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    handles += [block.register_forward_hook(after_block(i)) for i, block in enumerate(blocks)]
+    capture = _Capture(blocks, storage, store)
+    handles = [block.register_forward_pre_hook(capture.before(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    handles += [block.register_forward_hook(capture.after(i)) for i, block in enumerate(blocks)]
     device = input_device(model)
     try:
         embed = store.prepare_capture(batches)
-        for index, batch in enumerate(batches):
-            state["full"] = index == 0
+
+        def forward(batch: torch.Tensor) -> None:
             with contextlib.suppress(_StopForward):
                 if embed is None:
                     model(input_ids=batch.to(device), use_cache=False)
                 else:
                     model(inputs_embeds=embed(batch), use_cache=False)
+
+        for index, batch in enumerate(batches):
+            capture.full = index == 0
+            forward(batch)
+        if capture.dependent:
+            logger.info("block arguments depend on the calibration sample: recording them per sample")
+            capture.replay = True
+            for batch in batches[1:]:
+                forward(batch)
     finally:
         for handle in handles:
             handle.remove()
         for index in range(len(blocks)):  # a block whose forward an error stopped
             store.release_block(index)
         store.end_capture()
-    missing = [i for i, received in enumerate(arguments) if received is None]
+    missing = [i for i, received in enumerate(capture.arguments) if received is None]
     if missing:
-        raise RuntimeError(f"decoder blocks {missing} were never called during the model forward")
-    return _BlockInputs(hidden=hidden, arguments=arguments, storage=storage)  # type: ignore[arg-type]
+        raise InvalidArgumentError(
+            f"decoder blocks {missing} of {type(model).__name__} were never called by a forward of input_ids alone; "
+            "allowed: a causal LM whose decoder runs on token ids (a model that needs pixel values or encoder "
+            "outputs for its decoder is not supported)"
+        )
+    inputs = _BlockInputs(hidden=capture.hidden, arguments=capture.arguments, storage=storage)  # type: ignore[arg-type]
+    inputs.per_sample = capture.per_sample if capture.dependent else None
+    return inputs
 
 
 def _run_block(block: nn.Module, inputs: _BlockInputs, index: int, device: torch.device, storage: Storage):
-    args, kwargs = _to_device(inputs.arguments[index], device)
-    for hidden in inputs.hidden:  # one calibration batch at a time on the execution device
+    for sample, hidden in enumerate(inputs.hidden):  # one calibration batch at a time on the execution device
+        args, kwargs = _to_device(inputs.of(index, sample), device)
         yield stash(_first_output(block(hidden.to(device), *args, **kwargs)), storage)
 
 
@@ -273,7 +323,7 @@ def _share_groups(
 
     handles = [m.register_forward_pre_hook(hook) for m in layers.values()]
     try:
-        probe = _BlockInputs(hidden=inputs.hidden[:1], arguments=inputs.arguments)
+        probe = _BlockInputs(hidden=inputs.hidden[:1], arguments=inputs.arguments, per_sample=inputs.per_sample)
         with routed_calibration(experts):
             for _ in _run_block(block, probe, index, device, device):
                 pass
@@ -586,7 +636,7 @@ def prune_model(
                 check_causal(model)  # before any work (magnitude runs no forward at all, and needs none)
             inputs = None
             if run.spec.needs_calibration and first < len(run.blocks):
-                capture = local if first == 0 else calibration_batches[:1]  # resumed: the arguments only
+                capture = local  # resumed: for the arguments (per sample where they depend on it)
                 with run.timer.phase("forward"):
                     inputs = _capture_inputs(model, run.blocks, capture, storage, run.store)
             if first:
@@ -626,29 +676,45 @@ def _check_batches(run: _Run, batches: list[torch.Tensor] | None) -> None:
 DENSE_SHARE_LIMIT = 0.05
 
 
-def _check_coverage(blocks_name, blocks, layers, config, allow_unpruned: bool) -> None:
-    """Never a silent partial prune: name, before any work, the block matrices no targeted layer covers."""
-    left, total = dense_block_parameters(blocks_name, blocks, layers, config.ignore)
+def _check_coverage(model, blocks_name, blocks, layers, config, allow_unpruned: bool) -> None:
+    """Never a silent partial prune: name, before any work, the matrices no targeted layer covers. Inside the
+    decoder blocks (fused tensors outside the experts interface, weights read functionally) and in any other block
+    stack they count toward :data:`DENSE_SHARE_LIMIT`; projections outside any stack are named in a warning;
+    embeddings, the head, ``ignore`` and a multimodal model's towers and projectors stay dense by default."""
+    if language_model(model) is not None:
+        for tower in towers(model):
+            size = sum(p.numel() for p in model.get_submodule(tower).parameters())
+            logger.warning("left dense by default: %s (%s parameters), a separate vision or audio model", tower,
+                           f"{size:,}")  # fmt: skip
+    inside, total = dense_block_parameters(blocks_name, blocks, layers, config.ignore)
+    stacks, elsewhere = dense_outside_blocks(model, blocks_name, config.ignore)
+    left = sorted(inside + stacks, key=lambda item: -item[1])
+    total += sum(numel for _, numel in stacks)
     share = sum(numel for _, numel in left) / total if total else 0.0
+    if elsewhere:
+        names = ", ".join(f"{name} ({numel:,})" for name, numel in elsewhere[:5])
+        warnings.warn(f"matrices outside the decoder blocks stay dense: {names}", stacklevel=4)
     if not left:
         return
     names = ", ".join(f"{name} ({numel:,})" for name, numel in left[:5]) + (
         f", ... {len(left) - 5} more" if len(left) > 5 else ""
     )
+    where = "decoder blocks' weights" if not stacks else "weights of the model's block stacks"
     if share > DENSE_SHARE_LIMIT and not allow_unpruned:
         raise UnprunedLayersError(
-            f"{share:.0%} of the decoder blocks' weights would stay dense: {names} (not nn.Linear layers the targets "
-            "select, such as fused expert tensors); pass allow_unpruned=True (--allow-unpruned) to prune the rest "
-            "anyway, or add them to `ignore` to say they stay dense on purpose"
+            f"{share:.0%} of the {where} would stay dense: {names} (not nn.Linear layers the targets select "
+            f"inside the decoder blocks {blocks_name}: fused expert tensors, weights read functionally, or a second "
+            "block stack); pass allow_unpruned=True (--allow-unpruned) to prune the rest anyway, or add them to "
+            "`ignore` to say they stay dense on purpose"
         )
-    warnings.warn(f"{share:.1%} of the decoder blocks' weights stay dense: {names}", stacklevel=4)
+    warnings.warn(f"{share:.1%} of the {where} stay dense: {names}", stacklevel=4)
 
 
 def _new_run(model, config, store, checkpoint_dir, allow_unpruned: bool = False) -> _Run:
     blocks_name, blocks = find_decoder_blocks(model)
     default_targets = default_of(type(config), "targets")
     layers = find_prunable_layers(model, config.targets, config.ignore, blocks, blocks_name, default_targets)
-    _check_coverage(blocks_name, blocks, layers, config, allow_unpruned)
+    _check_coverage(model, blocks_name, blocks, layers, config, allow_unpruned)
     store = store or store_for(model)
     store.bind(blocks_name, blocks)
     report = PruningReport(method=config.method, config=config.to_dict())

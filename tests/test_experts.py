@@ -217,3 +217,70 @@ def test_ignore_patterns_select_expert_matrices_by_name(tokenizer, corpus_text):
     assert torch.equal(model.model.layers[0].mlp.experts.down_proj, down)
     assert any(".experts.0.gate_proj" in row.name for row in report.layers)
     assert not any(row.name.endswith("down_proj") and ".experts." in row.name for row in report.layers)
+
+
+def test_a_disk_offloaded_moe_prunes_bitwise_like_the_in_memory_one(tokenizer, corpus_text, tmp_path):
+    from accelerate import dispatch_model
+    from test_offload import _device_map
+
+    config = SparseGPTConfig(**FAST)
+    reference = moe("qwen3_moe")
+    ADMMPruner(model=reference, tokenizer=tokenizer, config=config).prune([corpus_text], show_progress=False)
+    model = moe("qwen3_moe")
+    model = dispatch_model(model, _device_map(model, offloaded={1}), offload_dir=str(tmp_path / "offload"))
+    assert model.model.layers[1].mlp.experts.gate_up_proj.device.type == "meta"  # the experts live on disk
+    report = ADMMPruner(model=model, tokenizer=tokenizer, config=config).prune([corpus_text], show_progress=False)
+    assert any(".layers.1.mlp.experts." in row.name for row in report.layers)
+    expected = {n: p for n, p in reference.state_dict().items()}
+    from optimum_admm.stores import store_for
+
+    store = store_for(model)
+    for name, tensor in expected.items():
+        assert torch.equal(store.read(name), tensor), name
+
+
+def test_an_interrupted_moe_prune_resumes_bitwise_identical(tokenizer, corpus_text, tmp_path, monkeypatch):
+    from conftest import interrupt_at_block
+
+    config = ADMMConfig(**FAST)
+    reference = moe("mixtral")
+    ADMMPruner(model=reference, tokenizer=tokenizer, config=config).prune([corpus_text], show_progress=False)
+    checkpoint = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:
+        interrupt_at_block(patch, block=1)
+        with pytest.raises(KeyboardInterrupt):
+            ADMMPruner(model=moe("mixtral"), tokenizer=tokenizer, config=config).prune(
+                [corpus_text], show_progress=False, checkpoint_dir=checkpoint
+            )
+    resumed = moe("mixtral")
+    ADMMPruner(model=resumed, tokenizer=tokenizer, config=config).prune(
+        [corpus_text], show_progress=False, checkpoint_dir=checkpoint
+    )
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "deepseek_v4"])
+def test_block_arguments_that_depend_on_the_sample_are_captured_per_sample(model_type):
+    """Gemma 4 gives every block a per-layer input computed from the tokens; DeepSeek-V4 passes the token ids for
+    hash routing: each calibration sample's own arguments are replayed, not the first sample's."""
+    model = moe(model_type)
+    _, blocks = sequential.find_decoder_blocks(model)
+    batches = [torch.randint(0, VOCAB_SIZE, (1, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    with torch.no_grad():
+        inputs = sequential._capture_inputs(model, blocks, batches, torch.device("cpu"))
+    assert inputs.per_sample is not None
+    last = len(blocks) - 1
+    for sample, batch in enumerate(batches):
+        seen = {}
+        handle = blocks[last].register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.update(kwargs=kwargs), with_kwargs=True
+        )
+        with torch.no_grad():
+            model(batch, use_cache=False)
+        handle.remove()
+        args, kwargs = inputs.of(last, sample)
+        varying = [k for k, v in kwargs.items() if not sequential._safe_same(v, inputs.of(last, 0)[1][k])]
+        assert sample == 0 or varying, "the arguments of later samples differ from the first's"
+        for key in varying:
+            assert sequential._same(kwargs[key], seen["kwargs"][key]), (sample, key)

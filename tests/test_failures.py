@@ -785,19 +785,14 @@ def test_a_model_whose_fused_experts_are_not_behind_the_experts_interface_is_ref
 ):
     import warnings
 
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from conftest import VOCAB_SIZE
+    from tiny_configs import build
 
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
-    model = MixtralForCausalLM(config).eval()
-    for module in model.modules():  # fused experts outside transformers' experts interface (as in a custom model)
-        if hasattr(module, "has_gate"):
-            del module.has_gate
+    model = build("llama4_text", vocab_size=VOCAB_SIZE)  # Llama 4's experts are fused outside the interface
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pruner = ADMMPruner.from_pretrained(model, tokenizer=tokenizer, config=WandaConfig(**FAST))
     with pytest.raises(errors.UnprunedLayersError, match=r"\d+% of the decoder blocks' weights would stay dense: "
-                       r"model\.layers\.\d\.mlp\.experts\.\w+ .*allow_unpruned=True"):  # fmt: skip
+                       r"model\.layers\.\d\.feed_forward\.experts\.\w+ .*allow_unpruned=True"):  # fmt: skip
         pruner.prune([corpus_text], show_progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing touched
     with warnings.catch_warnings(record=True) as caught:

@@ -15,14 +15,14 @@ import torch
 #: Small values for the size attributes configs commonly have (only those a config already has are set).
 SIZES: dict[str, Any] = {
     "vocab_size": 128,
-    "hidden_size": 64,
-    "d_model": 64,
-    "n_embd": 64,
-    "dim": 64,
-    "intermediate_size": 96,
-    "ffn_hidden_size": 96,
-    "ffn_dim": 96,
-    "n_inner": 96,
+    "hidden_size": 128,
+    "d_model": 128,
+    "n_embd": 128,
+    "dim": 128,
+    "intermediate_size": 192,
+    "ffn_hidden_size": 192,
+    "ffn_dim": 192,
+    "n_inner": 192,
     "moe_intermediate_size": 32,
     "expert_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
@@ -37,7 +37,7 @@ SIZES: dict[str, Any] = {
     "num_key_value_heads": 2,
     "n_kv_heads": 2,
     "num_kv_heads": 2,
-    "head_dim": 16,
+    "head_dim": 32,
     "num_local_experts": 4,
     "num_experts": 4,
     "n_routed_experts": 4,
@@ -50,11 +50,11 @@ SIZES: dict[str, Any] = {
     "max_position_embeddings": 256,
     "n_positions": 256,
     "sliding_window": 16,
-    "kv_lora_rank": 16,
-    "q_lora_rank": 16,
-    "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8,
-    "v_head_dim": 16,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 32,
     "first_k_dense_replace": 1,
     "n_group": 1,
     "topk_group": 1,
@@ -73,6 +73,11 @@ def _overrides(defaults: dict[str, Any], sub_configs: dict[str, Any]) -> dict[st
         current = defaults.get(key, False)
         if (isinstance(current, int) and not isinstance(current, bool)) or (current is None and key in UNSET_SIZES):
             out[key] = value
+    vocab = out.get("vocab_size", defaults.get("vocab_size"))
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = defaults.get(key)
+        if isinstance(vocab, int) and isinstance(value, int) and value >= vocab:  # special ids inside the vocabulary
+            out[key] = min(value, 3) if value < 4 else 1
     if "qk_rope_head_dim" in out:  # multi-head latent attention: the rotary part is the head_dim
         out["head_dim"] = out["qk_rope_head_dim"]
     depth = next((out[k] for k in ("num_hidden_layers", "num_layers", "n_layer", "n_layers") if k in out), None)
