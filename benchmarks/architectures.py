@@ -31,6 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="*", help="only these model types (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--methods", nargs="+", default=["wanda", "admm"], choices=["wanda", "admm"])
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     import torch
@@ -42,13 +44,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     types = args.types or causal_lm_types()
     rows = []
     start = time.perf_counter()
     for model_type in types:
         wanda = sweep_one(model_type, "wanda")
-        admm = sweep_one(model_type, "admm") if wanda.outcome == "pruned" else None
+        admm = sweep_one(model_type, "admm") if wanda.outcome == "pruned" and "admm" in args.methods else None
         rows.append(
             {"model_type": model_type, "wanda": wanda.to_dict(), "admm": None if admm is None else admm.to_dict()}
         )

@@ -233,27 +233,22 @@ def dense_block_parameters(
     return sorted(left, key=lambda item: -item[1]), total
 
 
-def dense_outside_blocks(
-    model: nn.Module, blocks_name: str, ignore: Iterable[str]
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Matrices outside the decoder blocks that stay dense without being asked to, largest first, as
-    ``(in other block stacks, elsewhere)``: a second ``nn.ModuleList`` of blocks holding linears (the part a user
-    expects pruned), and projections outside any stack (named in a warning). Input and output embeddings, what
-    ``ignore`` names and, in a multimodal model, everything outside its language model (towers, projectors) are
-    left out: they stay dense by default."""
+def dense_outside_blocks(model: nn.Module, blocks_name: str, ignore: Iterable[str]) -> list[tuple[str, int]]:
+    """Matrices outside the decoder blocks that stay dense without being asked to (a second block stack,
+    projections), largest first. Input and output embeddings, what ``ignore`` names and, in a multimodal model,
+    everything outside its language model (towers, projectors) are left out: they stay dense by default.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.ModuleList([nn.Linear(2, 2)]), nn.Linear(2, 3))
+        >>> dense_outside_blocks(model, "0", [])
+        [('1.weight', 6)]
+    """
     patterns = list(ignore)
     language = language_model(model)
     embeddings = [m for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")) if m]
     exempt = {id(p) for m in embeddings for p in m.parameters()}
-    stacks = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and name != blocks_name
-        and len(module)
-        and all(any(is_linear(m) for m in child.modules()) for child in module)
-    ]
-    in_stacks, elsewhere = [], []
+    left = []
     for name, module in model.named_modules():
         if name == blocks_name or name.startswith(f"{blocks_name}.") or isinstance(module, nn.Embedding):
             continue
@@ -263,10 +258,8 @@ def dense_outside_blocks(
             continue
         for local, parameter in module.named_parameters(recurse=False):
             if parameter.dim() >= 2 and id(parameter) not in exempt:
-                entry = (f"{name}.{local}" if name else local, parameter.numel())
-                stacked = any(name.startswith(f"{stack}.") for stack in stacks)
-                (in_stacks if stacked else elsewhere).append(entry)
-    return sorted(in_stacks, key=lambda item: -item[1]), sorted(elsewhere, key=lambda item: -item[1])
+                left.append((f"{name}.{local}" if name else local, parameter.numel()))
+    return sorted(left, key=lambda item: -item[1])
 
 
 def language_model(model: nn.Module) -> str | None:

@@ -68,6 +68,8 @@ class _BlockInputs:
     #: per block and sample, when some argument depends on the sample (Gemma 4's per-layer inputs, DeepSeek-V4's
     #: token ids for hash routing): the arguments, sharing every value that equals the first sample's
     per_sample: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] | None = None
+    #: targeted layers the first sample's dense forward never called (weights read functionally, cross-attention)
+    uncalled: list[str] = field(default_factory=list)
 
     def of(self, index: int, sample: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Block ``index``'s arguments for calibration sample ``sample``."""
@@ -250,6 +252,7 @@ def _capture_inputs(
     batches: list[torch.Tensor],
     storage: Storage,
     store: WeightStore | None = None,
+    layers: dict[str, nn.Module] | None = None,
 ) -> _BlockInputs:
     """Record the first block's hidden states for every batch and each block's other arguments.
 
@@ -267,6 +270,9 @@ def _capture_inputs(
     capture = _Capture(blocks, storage, store)
     handles = [block.register_forward_pre_hook(capture.before(i), with_kwargs=True) for i, block in enumerate(blocks)]
     handles += [block.register_forward_hook(capture.after(i)) for i, block in enumerate(blocks)]
+    called: set[int] = set()  # which targeted layers the first (full) sample reaches; experts are routed, not called
+    watched = {n: m for n, m in (layers or {}).items() if not isinstance(m, ExpertMatrix)}
+    handles += [m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))) for m in watched.values()]
     device = input_device(model)
     try:
         embed = store.prepare_capture(batches)
@@ -301,6 +307,7 @@ def _capture_inputs(
         )
     inputs = _BlockInputs(hidden=capture.hidden, arguments=capture.arguments, storage=storage)  # type: ignore[arg-type]
     inputs.per_sample = capture.per_sample if capture.dependent else None
+    inputs.uncalled = [n for n, m in watched.items() if id(m) not in called]
     return inputs
 
 
@@ -447,17 +454,8 @@ def _solve_stage(run: _Run, names: list[str], accumulators: dict[str, StatisticA
     costs = {n: float(out * inp * inp) for n, (out, inp) in shapes.items()}  # a solve's (out x in)(in x in) products
     owners = assign_layers(costs, run.dist.world_size)
     rows: dict[str, LayerReport | None] = {}
-    uncalled = [n for n in names if accumulators[n].num_tokens == 0]  # summed over the ranks: the same everywhere
-    if uncalled:  # found by this block's calibration pass, before any of its weights change
-        for name in uncalled:
-            run.report.left_dense[name] = "no calibration input: used functionally or never called in a causal forward"
-        warnings.warn(
-            f"{len(uncalled)} targeted layers receive no input in the calibration forward (their weight is read "
-            f"functionally, or the module is never called), so they stay dense: {', '.join(uncalled[:6])}"
-            + (f", ... {len(uncalled) - 6} more" if len(uncalled) > 6 else "")
-            + "; add them to `ignore` to silence this",
-            stacklevel=2,
-        )
+    # summed over the ranks: the same everywhere; the capture named most before any work (this finds the rest)
+    _left_uncalled(run, [n for n in names if accumulators[n].num_tokens == 0 and n not in run.report.left_dense])
     layer_bar = tqdm(names, desc="layers", unit="layer", leave=False, disable=not run.show_progress)
     for name in layer_bar:  # inside a block too: a large model's block takes minutes
         # The dict holds the only references: a group's statistic is freed once its last layer is pruned.
@@ -473,6 +471,21 @@ def _solve_stage(run: _Run, names: list[str], accumulators: dict[str, StatisticA
                 run.dist.broadcast_(get_weight_matrix(module), owners[name])
                 rows[name] = run.dist.broadcast_object(rows[name], owners[name])
         _record(run, rows[name])
+
+
+def _left_uncalled(run: _Run, uncalled: list[str]) -> None:
+    """Leave dense, in the report and a warning, targeted layers that receive no calibration input."""
+    if not uncalled:
+        return
+    for name in uncalled:
+        run.report.left_dense[name] = "no calibration input: used functionally or never called in a causal forward"
+    warnings.warn(
+        f"{len(uncalled)} targeted layers receive no input in the calibration forward (their weight is read "
+        f"functionally, or the module is never called), so they stay dense: {', '.join(uncalled[:6])}"
+        + (f", ... {len(uncalled) - 6} more" if len(uncalled) > 6 else "")
+        + "; add them to `ignore` to silence this",
+        stacklevel=3,
+    )
 
 
 def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
@@ -638,7 +651,8 @@ def prune_model(
             if run.spec.needs_calibration and first < len(run.blocks):
                 capture = local  # resumed: for the arguments (per sample where they depend on it)
                 with run.timer.phase("forward"):
-                    inputs = _capture_inputs(model, run.blocks, capture, storage, run.store)
+                    inputs = _capture_inputs(model, run.blocks, capture, storage, run.store, run.layers)
+                _left_uncalled(run, inputs.uncalled)  # named before any weight changes
             if first:
                 _restore(run, first, inputs)
             blocks = range(first, len(run.blocks))
@@ -677,29 +691,26 @@ DENSE_SHARE_LIMIT = 0.05
 
 
 def _check_coverage(model, blocks_name, blocks, layers, config, allow_unpruned: bool) -> None:
-    """Never a silent partial prune: name, before any work, the matrices no targeted layer covers. Inside the
-    decoder blocks (fused tensors outside the experts interface, weights read functionally) and in any other block
-    stack they count toward :data:`DENSE_SHARE_LIMIT`; projections outside any stack are named in a warning;
-    embeddings, the head, ``ignore`` and a multimodal model's towers and projectors stay dense by default."""
+    """Never a silent partial prune: name, before any work, the matrices no targeted layer covers, inside the
+    decoder blocks (fused tensors outside the experts interface, weights read functionally) and outside them (a
+    second block stack, projections), and refuse when they exceed :data:`DENSE_SHARE_LIMIT`. Embeddings, the head,
+    ``ignore`` and a multimodal model's towers and projectors stay dense by default."""
     if language_model(model) is not None:
         for tower in towers(model):
             size = sum(p.numel() for p in model.get_submodule(tower).parameters())
             logger.warning("left dense by default: %s (%s parameters), a separate vision or audio model", tower,
                            f"{size:,}")  # fmt: skip
     inside, total = dense_block_parameters(blocks_name, blocks, layers, config.ignore)
-    stacks, elsewhere = dense_outside_blocks(model, blocks_name, config.ignore)
-    left = sorted(inside + stacks, key=lambda item: -item[1])
-    total += sum(numel for _, numel in stacks)
+    outside = dense_outside_blocks(model, blocks_name, config.ignore)
+    left = sorted(inside + outside, key=lambda item: -item[1])
+    total += sum(numel for _, numel in outside)
     share = sum(numel for _, numel in left) / total if total else 0.0
-    if elsewhere:
-        names = ", ".join(f"{name} ({numel:,})" for name, numel in elsewhere[:5])
-        warnings.warn(f"matrices outside the decoder blocks stay dense: {names}", stacklevel=4)
     if not left:
         return
     names = ", ".join(f"{name} ({numel:,})" for name, numel in left[:5]) + (
         f", ... {len(left) - 5} more" if len(left) > 5 else ""
     )
-    where = "decoder blocks' weights" if not stacks else "weights of the model's block stacks"
+    where = "model's matrices besides embeddings and head" if outside else "decoder blocks' weights"
     if share > DENSE_SHARE_LIMIT and not allow_unpruned:
         raise UnprunedLayersError(
             f"{share:.0%} of the {where} would stay dense: {names} (not nn.Linear layers the targets select "

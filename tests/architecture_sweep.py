@@ -60,14 +60,22 @@ def prunable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in exempt_ids}
 
 
+#: Suffix of the sweep's names for the image-text-to-text model types (built with AutoModelForImageTextToText).
+MULTIMODAL = " (image-text-to-text)"
+
+
 def sweep_one(model_type: str, method: str = "wanda") -> Outcome:
-    """Build, prune (``method`` at 50%) and classify one model type."""
+    """Build, prune (``method`` at 50%) and classify one model type (``"<type> (image-text-to-text)"`` for the
+    image-text-to-text model of a type)."""
     from optimum_admm import ADMMConfig, WandaConfig, errors
     from optimum_admm.sequential import prune_model
 
     start = time.perf_counter()
     try:
-        model = build(model_type)
+        if model_type.endswith(MULTIMODAL):
+            model = build(model_type[: -len(MULTIMODAL)], task="image-text-to-text")
+        else:
+            model = build(model_type)
         vocab = int(model.config.get_text_config().vocab_size)
         ids = torch.randint(0, min(vocab, 100), (1, SEQUENCE), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -124,6 +132,12 @@ def sweep_one(model_type: str, method: str = "wanda") -> Outcome:
 
 
 def causal_lm_types() -> list[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """Every causal-LM model type, then every image-text-to-text one (suffixed with :data:`MULTIMODAL`)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + [
+        f"{t}{MULTIMODAL}" for t in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    ]

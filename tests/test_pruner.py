@@ -290,9 +290,9 @@ def test_linear_subclasses_match_the_linear_target():
 
 
 def test_a_targeted_linear_that_gets_no_input_is_named_before_its_block_changes_and_left_dense(monkeypatch):
-    """A linear the forward never calls (or whose weight is read functionally) is found by the calibration pass of
-    its block, named in a warning before that block's weights change, left dense and listed in the report; the
-    rest of the model is pruned (it used to raise after every block was pruned in place)."""
+    """A linear the forward never calls (or whose weight is read functionally) is found by the input capture's dense
+    forward, named in one warning before any weight changes, left dense and listed in the report; the rest of the
+    model is pruned (it used to raise after every block was pruned in place)."""
     import warnings
 
     from conftest import build_tiny_model
@@ -316,6 +316,7 @@ def test_a_targeted_linear_that_gets_no_input_is_named_before_its_block_changes_
     with pytest.warns(UserWarning, match="receive no input"):
         report = pruner.prune(ids, show_progress=False)
     assert "model.layers.0.mlp.unused" in seen[0][0] and seen[0][1] is False  # said before block 0 changed
+    assert "model.layers.1.mlp.unused" in seen[0][0] and len(seen) == 1  # every block's, once, before any work
     assert set(report.left_dense) == {f"model.layers.{i}.mlp.unused" for i in range(2)}
     assert all((block.mlp.unused.weight != 0).all() for block in model.model.layers)
     gate = model.model.layers[1].mlp.gate_proj.weight

@@ -46,6 +46,7 @@ SIZES: dict[str, Any] = {
     "moe_topk": 2,
     "top_k": 2,
     "moe_k": 2,
+    "hidden_size_per_layer_input": 16,
     "n_shared_experts": 1,
     "max_position_embeddings": 256,
     "n_positions": 256,
@@ -109,12 +110,14 @@ def tiny_config(model_type: str, **overrides: Any):
     return config_class(**kwargs)
 
 
-def build(model_type: str, seed: int = 0, **overrides: Any):
-    """A causal LM of ``model_type`` from :func:`tiny_config`, fp32, eval mode, seeded."""
-    from transformers import AutoModelForCausalLM
+def build(model_type: str, seed: int = 0, task: str = "causal-lm", **overrides: Any):
+    """A model of ``model_type`` from :func:`tiny_config` (a causal LM, or an image-text-to-text model with
+    ``task="image-text-to-text"``), fp32, eval mode, seeded."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if task == "image-text-to-text" else AutoModelForCausalLM
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+        model = auto.from_config(tiny_config(model_type, **overrides))
     return model.float().eval()

@@ -66,6 +66,11 @@ class PruneCommand(GuardedCommand):
         parser.add_argument("--sequence-length", type=_positive_int, default=None, help="Tokens per window (2048).")
         parser.add_argument("--seed", type=int, default=None, help="Seed for the calibration windows (0).")
         parser.add_argument(
+            "--calibrate-all-experts",
+            action="store_true",
+            help="Calibrate every mixture-of-experts expert on every token, not only on its routed tokens.",
+        )
+        parser.add_argument(
             "--recipe",
             type=_existing_file,
             default=None,
@@ -183,6 +188,7 @@ class PruneCommand(GuardedCommand):
             "num_samples": args.num_samples,
             "sequence_length": args.sequence_length,
             "seed": args.seed,
+            "calibrate_all_experts": True if args.calibrate_all_experts else None,
         }
         values = {**base, **{k: v for k, v in flags.items() if v is not None}}
         if args.pattern is not None and args.sparsity is None:

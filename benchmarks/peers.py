@@ -1,0 +1,347 @@
+"""optimum-admm beside llm-compressor, the library a user would pick instead: same model, same calibration windows,
+same evaluation tokens, same loop.
+
+The script creates (once) its own virtualenv with llm-compressor (``--llmcompressor-version``, what the index
+serves) and what it pins, on the same CPU torch, under ``~/.cache/optimum-admm/peers-venv``. Our side writes every
+input: the model checkpoint (the zoo's dequantised SmolLM2-135M or Gemma-3-270M), the calibration windows of every
+seed (``--num-samples`` x ``--sequence-length`` tokens drawn from the corpus training split, all domains) and the
+evaluation tokens (the first ``--eval-tokens`` tokens of every domain's test split). Each run is one subprocess
+(``--worker``) under the side's own interpreter, with ``--threads`` threads: it loads the checkpoint, prunes, and
+measures perplexity with one plain loop (non-overlapping windows of ``--eval-length`` tokens, exp of the mean token
+NLL) that is the same code on both sides. Peak RSS is the subprocess's ``ru_maxrss``. The two sides of one
+(pattern, method, seed) run at the same time (``--jobs 2``), so they see the same machine load.
+
+Settings, both sides: every ``nn.Linear`` inside the decoder blocks, ``lm_head`` left dense; SparseGPT with block
+size 128 and dampening 0.01 of the mean Hessian diagonal (llm-compressor's defaults; ours, ``SparseGPTConfig``'s);
+Wanda as published; llm-compressor's default sequential pipeline (inputs propagated through the pruned layers, as
+ours). ``--owl`` adds llm-compressor's OWL profile (``sparsity_profile="owl"``, ``owl_m=5``, ``owl_lmbda=0.08``).
+
+    python benchmarks/peers.py --model smollm2-135m          # about 40 minutes on 2 cores
+
+Writes ``benchmarks/results/peers-<model>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path.home() / ".cache" / "optimum-admm"
+VENV = CACHE / "peers-venv"
+PATTERNS = ["2:4", "0.6"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--patterns", nargs="+", default=PATTERNS)
+    parser.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda", "admm"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=768)
+    parser.add_argument("--eval-length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--owl", action="store_true", help="also llm-compressor's OWL profile")
+    parser.add_argument("--llmcompressor-version", default="0.14.0.1")
+    parser.add_argument(
+        "--linear-targets",
+        action="store_true",
+        help="also llm-compressor with targets=['Linear'] (one seed), the setting that prunes lm_head",
+    )
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a JSON file describing one run
+    return parser.parse_args(argv)
+
+
+# --- worker: runs under either interpreter ------------------------------------------------------------------------
+
+
+def plain_perplexity(model, ids: list[int], length: int, bos: int | None) -> float:
+    import torch
+
+    nll, count = 0.0, 0
+    content = length - (1 if bos is not None else 0)
+    for start in range(0, len(ids), content):
+        window = ([bos] if bos is not None else []) + ids[start : start + content]
+        if len(window) < 2:
+            continue
+        input_ids = torch.tensor([window])
+        with torch.no_grad():
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        nll += float(loss) * (len(window) - 1)
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
+def gemm_rate(seconds: float = 1.0) -> float:
+    """FLOP/s of a plain fp32 ``torch.mm`` of ADMM's shape on this machine now: (1536 x 576) @ (576 x 576)."""
+    import torch
+
+    a, b = torch.randn(1536, 576), torch.randn(576, 576)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return count * 2 * 1536 * 576 * 576 / (time.perf_counter() - start)
+
+
+def admm_flops(model, iterations: int) -> float:
+    """The solve's floating-point work over the decoder blocks' linears: (iterations + 2) products
+    (out x in)(in x in) (B = V0 H, A^-1 B, one per iteration), the Cholesky factorisation (in^3 / 3) and its solve
+    against the identity (2 in^3)."""
+    import torch
+
+    total = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            out, inp = module.weight.shape
+            total += (iterations + 2) * 2 * out * inp * inp + (1 / 3 + 2) * inp**3
+    return total
+
+
+def worker(spec_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
+    work = Path(spec["work"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32).eval()
+    calibration = torch.load(work / f"calibration-seed{spec['seed']}.pt")
+    pattern = spec["pattern"]
+    structure = pattern if ":" in pattern else "unstructured"
+    sparsity = 1 - int(pattern.split(":")[0]) / int(pattern.split(":")[1]) if ":" in pattern else float(pattern)
+    start = time.perf_counter()
+    timings = {}
+    if spec["side"] == "optimum-admm":
+        from optimum_admm import ADMMConfig, ADMMPruner, SparseGPTConfig, WandaConfig
+
+        config_class = {"sparsegpt": SparseGPTConfig, "wanda": WandaConfig, "admm": ADMMConfig}[spec["method"]]
+        config = config_class(sparsity=sparsity, mask_structure=structure, num_samples=len(calibration),
+                              sequence_length=calibration.shape[1], seed=spec["seed"])  # fmt: skip
+        flops = admm_flops(model, config.iterations) if spec["method"] == "admm" else None
+        rate = gemm_rate() if flops else None
+        start = time.perf_counter()
+        report = ADMMPruner(model=model, config=config).prune(calibration, show_progress=False)
+        timings = {"forward": report.forward_seconds, "statistics": report.statistics_seconds,
+                   "solve": report.solve_seconds, "solve_flops": flops, "gemm_flops_per_second": rate}  # fmt: skip
+        settings = config.to_dict()
+    else:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+        # As llm-compressor's own examples configure it: the decoder layers as targets (their linears are pruned).
+        # targets=["Linear"] with ignore=["lm_head"] prunes the LM head anyway in 0.14 (each target's own name is
+        # matched as "lm_head." against the ignore list), and with tied embeddings the input embedding with it.
+        targets = [r"re:model.layers.\d*$"] if not spec.get("linear_targets") else ["Linear"]
+        kwargs = {"sparsity": sparsity, "mask_structure": structure if ":" in pattern else "0:0",
+                  "targets": targets, "ignore": ["re:.*lm_head"]}  # fmt: skip
+        if spec.get("owl"):
+            kwargs.update(sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
+        modifier = (SparseGPTModifier if spec["method"] == "sparsegpt" else WandaPruningModifier)(**kwargs)
+        dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
+                                     "attention_mask": torch.ones_like(calibration).tolist()})  # fmt: skip
+        oneshot(model=model, dataset=dataset, recipe=[modifier], num_calibration_samples=len(calibration),
+                max_seq_length=calibration.shape[1])  # fmt: skip
+        settings = {k: (v if isinstance(v, (int, float, str, list, type(None))) else str(v))
+                    for k, v in modifier.model_dump().items() if not k.startswith("_")}  # fmt: skip
+    wall = time.perf_counter() - start
+    evaluation = json.loads((work / "eval.json").read_text())
+    bos = evaluation["bos"]
+    perplexity = {d: plain_perplexity(model, ids, spec["eval_length"], bos) for d, ids in evaluation["ids"].items()}
+    perplexity["mean"] = statistics.mean(perplexity.values())
+    linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    zeros = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
+    head = model.get_output_embeddings().weight
+    head_zeros = float((head == 0).float().mean())
+    print("RESULT " + json.dumps({"wall": wall, "timings": timings, "perplexity": perplexity,
+                                  "sparsity": zeros, "head_sparsity": head_zeros, "settings": settings}))  # fmt: skip
+
+
+# --- driver -------------------------------------------------------------------------------------------------------
+
+
+def ensure_venv(version: str) -> Path:
+    python = VENV / "bin" / "python"
+    marker = VENV / f"llmcompressor-{version}.ok"
+    if marker.exists():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    # the CPU torch first, so llm-compressor's torch requirement is already met and no CUDA build is pulled
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"llmcompressor=={version}"], check=True)
+    marker.write_text("ok\n")
+    return python
+
+
+def prepare(args, work: Path) -> str:
+    import torch
+
+    from optimum_admm import zoo
+    from optimum_admm.corpus import DOMAINS, load_corpus
+
+    model_path = str(zoo.materialize(args.model))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    work.mkdir(parents=True, exist_ok=True)
+    train = tokenizer("\n\n".join(load_corpus("train")["text"]), return_tensors="pt")["input_ids"][0]
+    for seed in range(args.seeds):
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(train) - args.sequence_length, (args.num_samples,), generator=generator)
+        windows = torch.stack([train[s : s + args.sequence_length] for s in starts.tolist()])
+        torch.save(windows, work / f"calibration-seed{seed}.pt")
+    ids = {
+        d: tokenizer("\n\n".join(load_corpus("test", domains=[d])["text"]))["input_ids"][: args.eval_tokens]
+        for d in DOMAINS
+    }
+    bos = tokenizer.bos_token_id if "gemma" in args.model else None  # Gemma needs <bos> on every window
+    (work / "eval.json").write_text(json.dumps({"ids": ids, "bos": bos}))
+    return model_path
+
+
+def run(python: Path, spec: dict, work: Path) -> dict:
+    path = work / (
+        f"spec-{spec['side']}-{spec['method']}-{spec['pattern']}-{spec['seed']}-{spec.get('owl', False)}-"
+        f"{spec.get('linear_targets', False)}.json"
+    )
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([str(python), __file__, "--worker", str(path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    stdout, stderr = process.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if process.returncode != 0 or not lines:
+        return {**spec, "error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {process.returncode}"}
+    return {**spec, **json.loads(lines[-1][len("RESULT ") :]), "peak_rss_gib": peak_rss_of(stderr)}
+
+
+def peak_rss_of(stderr: str) -> float | None:
+    for line in stderr.splitlines():
+        if line.startswith("PEAK_RSS_KIB "):
+            return int(line.split()[1]) / 2**20
+    return None
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        import atexit
+        import resource
+
+        atexit.register(lambda: print(f"PEAK_RSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}",
+                                      file=sys.stderr))  # fmt: skip
+        worker(args.worker)
+        return
+    peers_python = ensure_venv(args.llmcompressor_version)
+    work = CACHE / "peers" / args.model
+    model_path = prepare(args, work)
+    sides = {"optimum-admm": Path(sys.executable), "llm-compressor": peers_python}
+    specs = []
+    for seed in range(args.seeds):
+        for pattern in args.patterns:
+            for method in args.methods:
+                for side in sides:
+                    if side == "llm-compressor" and method == "admm":
+                        continue
+                    base = {"side": side, "method": method, "pattern": pattern, "seed": seed, "model_path": model_path,
+                            "work": str(work), "threads": args.threads, "eval_length": args.eval_length}  # fmt: skip
+                    specs.append(base)
+                    if args.owl and side == "llm-compressor" and ":" not in pattern:
+                        specs.append({**base, "owl": True})
+                    if args.linear_targets and side == "llm-compressor" and seed == 0:
+                        specs.append({**base, "linear_targets": True})
+    rows = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(lambda spec: run(sides[spec["side"]], spec, work), specs):
+            rows.append(row)
+            print(json.dumps({k: row.get(k) for k in ("side", "method", "pattern", "seed", "wall", "error")}
+                             | {"ppl": row.get("perplexity", {}).get("mean")}), flush=True)  # fmt: skip
+    versions = subprocess.run([str(peers_python), "-c", "import importlib.metadata as m; print({n: m.version(n) for n in "
+                               "('llmcompressor', 'compressed-tensors', 'transformers', 'torch')})"],
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+    from importlib import metadata
+
+    environment = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) per run, {args.jobs} runs at a time",
+        "optimum-admm side": {n: metadata.version(n) for n in ("optimum-admm", "torch", "transformers")},
+        "llm-compressor side": versions,
+    }
+    settings = {k: getattr(args, k) for k in ("model", "seeds", "num_samples", "sequence_length", "eval_tokens",
+                                              "eval_length", "threads", "jobs")}  # fmt: skip
+    out = {"environment": environment, "settings": settings, "rows": rows}
+    (HERE / "results" / f"peers-{args.model}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (HERE / "results" / f"peers-{args.model}.md").write_text(table(out))
+    print(table(out))
+
+
+def achieved(timings: list[dict]) -> str:
+    """The solve's achieved GFLOP/s beside the GEMM rate measured just before, and their ratio."""
+    if not timings or not all(t.get("solve_flops") and t.get("gemm_flops_per_second") for t in timings):
+        return ""
+    rate = statistics.mean(t["solve_flops"] / t["solve"] for t in timings) / 1e9
+    gemm = statistics.mean(t["gemm_flops_per_second"] for t in timings) / 1e9
+    return f"{rate:.1f} ({gemm:.1f}, {rate / gemm:.0%})"
+
+
+def table(out: dict) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for row in out["rows"]:
+        if "error" in row:
+            continue
+        suffix = (" (OWL)" if row.get("owl") else "") + (" (targets=Linear)" if row.get("linear_targets") else "")
+        key = (row["pattern"], row["method"], row["side"] + suffix)
+        groups.setdefault(key, []).append(row)
+    domains = [d for d in next(iter(groups.values()))[0]["perplexity"] if d != "mean"] if groups else []
+    lines = [
+        f"# optimum-admm vs llm-compressor on {out['settings']['model']} (`benchmarks/peers.py`)",
+        "",
+        f"{out['settings']['num_samples']} x {out['settings']['sequence_length']} calibration tokens, "
+        f"{out['settings']['eval_tokens']} evaluation tokens per domain; mean ± spread (max − min) over "
+        f"{out['settings']['seeds']} calibration seeds. {out['environment']['machine']}. "
+        f"optimum-admm side: {out['environment']['optimum-admm side']}; llm-compressor side: "
+        f"{out['environment']['llm-compressor side']}.",
+        "",
+        "| pattern | method | library | mean ppl | "
+        + " | ".join(domains)
+        + " | wall s | solve s | forward s | peak RSS GiB | head zeros |",
+        "|---|---|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|---:|",
+    ]
+    for (pattern, method, side), rows in sorted(groups.items()):
+        means = [r["perplexity"]["mean"] for r in rows]
+        spread = max(means) - min(means)
+        per_domain = " | ".join(f"{statistics.mean(r['perplexity'][d] for r in rows):.1f}" for d in domains)
+        timings = [r.get("timings") or {} for r in rows]
+        solve = statistics.mean(t["solve"] for t in timings) if all("solve" in t for t in timings) else None
+        forward = statistics.mean(t["forward"] for t in timings) if all("forward" in t for t in timings) else None
+        rss = [r["peak_rss_gib"] for r in rows if r.get("peak_rss_gib")]
+        lines.append(
+            f"| {pattern} | {method} | {side} | {statistics.mean(means):.2f} ± {spread:.2f} | {per_domain} | "
+            f"{statistics.mean(r['wall'] for r in rows):.0f} | {'' if solve is None else f'{solve:.0f}'} | "
+            f"{'' if forward is None else f'{forward:.0f}'} | {max(rss) if rss else float('nan'):.2f} | "
+            f"{statistics.mean(r.get('head_sparsity', 0.0) for r in rows):.0%} | {achieved(timings)} |"
+        )
+    errors = [r for r in out["rows"] if "error" in r]
+    if errors:
+        lines += [
+            "",
+            "Failed runs: " + "; ".join(f"{r['side']} {r['method']} {r['pattern']}: {r['error']}" for r in errors),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
