@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -103,36 +104,69 @@ class _Checkpoint:
     directory: Path
     files: dict[str, str]  # model tensor name -> shard file
     stored: dict[str, str]  # model tensor name -> its name in the shard (differs where transformers renames on load)
+    #: model tensors that transformers builds on load from several stored ones (fused experts from per-expert
+    #: matrices): model name -> (the converter, {source pattern: [(stored name, shard file)] in expert order})
+    merged: dict[str, tuple[Any, dict[str, list[tuple[str, str]]]]] = field(default_factory=dict)
 
     def open(self, key: str, device: torch.device | str = "cpu") -> Any:
         from safetensors import safe_open
 
         return safe_open(str(self.directory / self.files[key]), framework="pt", device=str(device))
 
+    def read_merged(self, key: str, device, config: Any) -> torch.Tensor:
+        """Build a merged tensor as ``from_pretrained`` does: each part read, then the converter's operations."""
+        from safetensors import safe_open
 
-def _model_names(model: nn.Module, stored_names: list[str]) -> dict[str, str]:
+        converter, parts = self.merged[key]
+        inputs: dict[str, list[torch.Tensor]] = {}
+        for pattern, sources in parts.items():
+            tensors = []
+            for stored, file in sources:
+                with safe_open(str(self.directory / file), framework="pt", device=str(device)) as handle:
+                    tensors.append(handle.get_tensor(stored))
+            inputs[pattern] = tensors
+        for operation in converter.operations:
+            inputs = operation.convert(inputs, converter.source_patterns, converter.target_patterns, config=config)
+        (value,) = inputs.values()
+        return value
+
+
+def _part_index(stored: str, pattern: str) -> int:
+    """The expert index a ``*`` of a converter's source pattern matches in a stored name."""
+    regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+    found = re.search(regex, stored)
+    return int(found.group(1)) if found and found.groups() else 0
+
+
+def _model_names(model: nn.Module, stored_names: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
     """``{model tensor name: stored name}`` through the renamings ``from_pretrained`` applies to checkpoint keys
     (GPT-NeoX's ``embed_out`` is the model's ``lm_head``, legacy ``gamma``/``beta``, a missing or extra base-model
-    prefix). A tensor that transformers merges or splits on load cannot be streamed as stored: refused."""
+    prefix), and the tensors transformers merges on load from several stored ones (per-expert matrices into fused
+    experts): ``{model name: (converter, {pattern: [stored names in order]})}``."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
     except ImportError:  # a transformers without load-time conversions: the stored names are the model's
-        return {name: name for name in stored_names}
+        return {name: name for name in stored_names}, {}
     transforms = get_model_conversion_mapping(model)
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     meta_state = model.state_dict()
-    names = {}
+    names: dict[str, str] = {}
+    merged: dict[str, Any] = {}
     for stored in stored_names:
         name, converted = rename_source_key(stored, renamings, converters, model.base_model_prefix, meta_state)
-        if converted is not None:
-            raise InvalidArgumentError(
-                f"source tensor {stored!r} is invalid for streaming mode; allowed: tensors loaded as stored "
-                f"(transformers converts it on load with pattern {converted!r}); prune the loaded model instead"
-            )
-        names[name] = stored
-    return names
+        if converted is None:
+            names[name] = stored
+            continue
+        converter = next(c for c in converters if converted in c.source_patterns)
+        _, parts = merged.setdefault(name, (converter, {p: [] for p in converter.source_patterns}))
+        parts[converted].append(stored)
+    for name, (_, parts) in merged.items():
+        for pattern in parts:
+            parts[pattern] = sorted(parts[pattern], key=lambda stored, p=pattern: _part_index(stored, p))
+        names[name] = next(iter(parts.values()))[0]
+    return names, merged
 
 
 def _load_tensors(model: nn.Module, checkpoint: _Checkpoint, names: list[str], device, page_in: bool = True) -> None:
@@ -144,6 +178,10 @@ def _load_tensors(model: nn.Module, checkpoint: _Checkpoint, names: list[str], d
 
     by_file: dict[str, list[str]] = {}
     for name in names:
+        if name in checkpoint.merged:  # fused experts, built from their per-expert tensors as on load
+            value = checkpoint.read_merged(name, device, model.config)
+            set_module_tensor_to_device(model, name, device, value=value)
+            continue
         by_file.setdefault(checkpoint.files[name], []).append(name)
     for keys in by_file.values():
         with checkpoint.open(keys[0], device) as handle:
@@ -239,6 +277,9 @@ def _source_digest(checkpoint: _Checkpoint, embedding_key: str | None) -> str:
     import hashlib
 
     stored = sorted((checkpoint.stored[k], checkpoint.files[k]) for k in checkpoint.files)
+    stored += sorted(
+        (k, [s for sources in parts.values() for s in sources]) for k, (_, parts) in checkpoint.merged.items()
+    )
     digest = hashlib.sha256(json.dumps(stored).encode())
     if embedding_key is not None:
         with checkpoint.open(embedding_key) as handle:
@@ -262,12 +303,16 @@ def _skeleton(source: Path, weight_map: dict[str, str]) -> tuple[nn.Module, _Che
     dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
-    stored = _model_names(model, list(weight_map))
+    stored, merged = _model_names(model, list(weight_map))
     unknown = sorted(stored[name] for name in set(stored) - set(model.state_dict()))
     if unknown:
         raise InvalidArgumentError(f"source={str(source)!r} holds tensors the model does not name: {unknown[:5]}")
     files = {name: weight_map[stored_name] for name, stored_name in stored.items()}
-    return model.eval(), _Checkpoint(source, files, stored)
+    parts = {
+        name: (converter, {p: [(s, weight_map[s]) for s in names] for p, names in sources.items()})
+        for name, (converter, sources) in merged.items()
+    }
+    return model.eval(), _Checkpoint(source, files, stored, parts)
 
 
 #: What a streamed output copies from the source besides the weights: the config, the generation config and the
@@ -321,6 +366,12 @@ class CheckpointStore(WeightStore):
         ]
         in_blocks = {k for keys in self.block_keys for k in keys}
         self.other_keys = sorted(set(files) - in_blocks)
+        merged_outside = [k for k in self.other_keys if k in self.checkpoint.merged]
+        if merged_outside:  # copied as stored, never rebuilt: only the decoder blocks' tensors may be merged
+            raise InvalidArgumentError(
+                f"source tensor {merged_outside[0]!r} outside the decoder blocks is merged by transformers on load; "
+                "allowed in streaming mode: merged tensors inside the decoder blocks only. Prune the loaded model"
+            )
         self.embedding_key = _input_embedding_key(self.model, files)
 
     def _shard(self, index: int) -> str:
