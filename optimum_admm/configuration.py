@@ -175,6 +175,24 @@ class PruningConfig:
             "recomputing inputs between groups."
         },
     )
+    sparsity_map: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-layer sparsities, {pattern: sparsity} (same matching rules as targets, first match wins; "
+            "unstructured masks only). The layers no pattern matches share the sparsity that keeps the model's "
+            "total at `sparsity`."
+        },
+    )
+    sparsity_profile: str = field(
+        default="uniform",
+        metadata={
+            "help": "'uniform' (every layer at `sparsity`) or 'owl': outlier-weighted layerwise sparsity (Yin et al. "
+            "2024), each decoder block's sparsity lowered by its share of outlier activations, the model's total "
+            "kept at `sparsity` (unstructured masks only; one extra dense calibration forward)."
+        },
+    )
+    owl_m: float = field(default=5.0, metadata={"help": "OWL: a score is an outlier above owl_m x its layer's mean."})
+    owl_lambda: float = field(default=0.08, metadata={"help": "OWL: block sparsities span sparsity +- owl_lambda."})
 
     def __post_init__(self) -> None:
         nm = parse_nm(self.mask_structure)
@@ -226,6 +244,34 @@ class PruningConfig:
             setattr(self, name, list(value))
         _check_type("true_sequential", self.true_sequential, bool, "True or False")
         _check_type("calibrate_all_experts", self.calibrate_all_experts, bool, "True or False")
+        self._check_non_uniform()
+
+    def _check_non_uniform(self) -> None:
+        if not isinstance(self.sparsity_map, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+            for k, v in self.sparsity_map.items()
+        ):
+            raise InvalidArgumentError(
+                f"sparsity_map={self.sparsity_map!r} is invalid; allowed: a dict of pattern -> sparsity in [0, 1)"
+            )
+        self.sparsity_map = {k: float(v) for k, v in self.sparsity_map.items()}
+        if self.sparsity_profile not in ("uniform", "owl"):
+            raise InvalidArgumentError(
+                f"sparsity_profile={self.sparsity_profile!r} is unknown; allowed: 'uniform', 'owl'"
+            )
+        if self.nm is not None and (self.sparsity_map or self.sparsity_profile != "uniform"):
+            raise InvalidArgumentError(
+                f"sparsity_map / sparsity_profile={self.sparsity_profile!r} with mask_structure="
+                f"{self.mask_structure!r} is invalid: an N:M pattern fixes every layer's sparsity; allowed: "
+                "mask_structure='unstructured'"
+            )
+        _check_type("owl_m", self.owl_m, (int, float), "a number > 0")
+        _check_type("owl_lambda", self.owl_lambda, (int, float), "a number in [0, 0.5)")
+        if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
+            raise InvalidArgumentError(
+                f"owl_m={self.owl_m!r}, owl_lambda={self.owl_lambda!r} is invalid; allowed: owl_m > 0, "
+                "0 <= owl_lambda < 0.5"
+            )
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -11,6 +11,7 @@ position ids, rotary ``position_embeddings``, cache position), so no architectur
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from huggingface_hub.utils import tqdm  # honours the global switches (HF_HUB_DI
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import resume
+from . import allocation, resume
 from .activations import Storage, check_activation_storage, resolve_storage, stash
 from .configuration import PruningConfig, default_of
 from .distributed import Distributed, assign_layers
@@ -42,12 +43,19 @@ from .modeling import (
     find_prunable_layers,
     get_weight_matrix,
     language_model,
+    matches,
     set_weight_matrix,
     towers,
 )
 from .registry import MethodSpec, get_spec
 from .reporting import LayerReport, PhaseTimer, PruningReport
-from .stats import GramAccumulator, StatisticAccumulator, masked_reconstruction_error, relative_reconstruction_error
+from .stats import (
+    GramAccumulator,
+    InputNormAccumulator,
+    StatisticAccumulator,
+    masked_reconstruction_error,
+    relative_reconstruction_error,
+)
 from .stores import InMemoryStore, WeightStore, input_device, store_for
 
 __all__ = ["prune_model"]
@@ -98,6 +106,8 @@ class _Run:
     layers: dict[str, nn.Module] = field(default_factory=dict)
     #: the fused experts modules of every block (run through their per-expert matrices while calibrating)
     experts: list[list[ExpertSet]] = field(default_factory=list)
+    #: per-layer target sparsities where they differ from the config's (``sparsity_map``, OWL)
+    targets: dict[str, float] = field(default_factory=dict)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -436,15 +446,19 @@ def _prune_layer(
 
 
 def _solve(run: _Run, name: str, accumulator: StatisticAccumulator | None) -> LayerReport:
+    config = run.config
+    if name in run.targets:  # a non-uniform profile: this layer's own sparsity
+        config = dataclasses.replace(config, sparsity=run.targets[name], sparsity_map={}, sparsity_profile="uniform")
     with run.timer.phase("solve"), run.store.module(name) as module:
-        return _prune_layer(name, module, accumulator, run.config, run.spec)
+        return _prune_layer(name, module, accumulator, config, run.spec)
 
 
 def _record(run: _Run, row: LayerReport) -> None:
     run.report.layers.append(row)
     granularity = 1.0 / row.shape[1]  # a per-row selection rounds to whole weights
-    if row.sparsity < run.config.sparsity - max(0.01, granularity):
-        run.unpruned.append(f"{row.name} (sparsity {row.sparsity:.3f} < {run.config.sparsity:.3f})")
+    target = run.targets.get(row.name, run.config.sparsity)
+    if row.sparsity < target - max(0.01, granularity):
+        run.unpruned.append(f"{row.name} (sparsity {row.sparsity:.3f} < {target:.3f})")
 
 
 def _solve_stage(run: _Run, names: list[str], accumulators: dict[str, StatisticAccumulator]) -> None:
@@ -632,6 +646,7 @@ def prune_model(
         >>> report = prune_model(model, ADMMConfig(), batches, checkpoint_dir="ckpt")  # doctest: +SKIP
     """
     run = _new_run(model, config, store, checkpoint_dir, allow_unpruned)
+    _check_profile(run)
     storage = resolve_storage(storage_device, activation_cache_dir)
     if run.spec.needs_calibration:
         _check_batches(run, calibration_batches)
@@ -653,6 +668,9 @@ def prune_model(
                 with run.timer.phase("forward"):
                     inputs = _capture_inputs(model, run.blocks, capture, storage, run.store, run.layers)
                 _left_uncalled(run, inputs.uncalled)  # named before any weight changes
+            if config.sparsity_profile == "owl":  # from the dense model (a resumed run recomputes the same)
+                with run.timer.phase("forward"):
+                    run.targets = _owl_targets(run, local)
             if first:
                 _restore(run, first, inputs)
             blocks = range(first, len(run.blocks))
@@ -671,6 +689,61 @@ def prune_model(
             f"{', '.join(run.unpruned[:5])}; add them to `ignore` or use more calibration samples"
         )
     return _finish_report(run)
+
+
+def _check_profile(run: _Run) -> None:
+    """Per-layer targets of an explicit ``sparsity_map`` (OWL's come after the input capture); refused before any
+    work where they cannot be met."""
+    config = run.config
+    if config.sparsity_profile == "owl" and (not run.spec.needs_calibration or not run.store.resident):
+        raise InvalidArgumentError(
+            f"sparsity_profile='owl' is invalid for method {config.method!r}"
+            + ("" if run.spec.needs_calibration else " (no calibration data)")
+            + ("" if run.store.resident else " in streaming mode")
+            + "; allowed: a method that calibrates, on a loaded model (in memory or with a device map)"
+        )
+    if config.sparsity_map and config.sparsity_profile == "uniform":
+        run.targets = allocation.allocate(_sizes(run), config.sparsity, fixed=_mapped(run))
+
+
+def _sizes(run: _Run) -> dict[str, int]:
+    return {name: get_weight_matrix(module).numel() for name, module in run.layers.items()}
+
+
+def _mapped(run: _Run) -> dict[str, float]:
+    found = {n: allocation.first_match(n, m, run.config.sparsity_map, matches) for n, m in run.layers.items()}
+    return {n: value for n, value in found.items() if value is not None}
+
+
+def _owl_targets(run: _Run, batches: list[torch.Tensor]) -> dict[str, float]:
+    """OWL's per-layer sparsities: one dense forward of every batch collects every targeted layer's input norms
+    (experts on their routed tokens), each block's outlier ratio gives its sparsity, the map's layers are held."""
+    norms = {name: InputNormAccumulator(get_weight_matrix(m).shape[1]) for name, m in run.layers.items()}
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, acc=norms[n]: acc.add(args[0])) for n, m in run.layers.items()
+    ]
+    device = input_device(run.model)
+    try:
+        with routed_calibration([s for sets in run.experts for s in sets]):
+            for batch in batches:
+                run.model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if run.dist.enabled:
+        for accumulator in norms.values():
+            _all_reduce_statistic(run.dist, accumulator)
+    ratios = []
+    for layers in run.layers_per_block:
+        weights = []
+        for name in layers:
+            with run.store.module(name, write=False) as module:
+                weights.append(get_weight_matrix(module).detach().to("cpu", copy=True))
+        ratios.append(allocation.outlier_ratio(weights, [norms[n].value for n in layers], run.config.owl_m))
+    blocks = allocation.owl_sparsities(ratios, run.config.sparsity, run.config.owl_lambda)
+    base = {name: blocks[i] for i, layers in enumerate(run.layers_per_block) for name in layers}
+    logger.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in blocks))
+    return allocation.allocate(_sizes(run), run.config.sparsity, base=base, fixed=_mapped(run))
 
 
 def _check_batches(run: _Run, batches: list[torch.Tensor] | None) -> None:
