@@ -14,9 +14,9 @@ NLL) that is the same code on both sides. Peak RSS is the subprocess's ``ru_maxr
 Settings, both sides: every ``nn.Linear`` inside the decoder blocks, ``lm_head`` left dense; SparseGPT with block
 size 128 and dampening 0.01 of the mean Hessian diagonal (llm-compressor's defaults; ours, ``SparseGPTConfig``'s);
 Wanda as published; llm-compressor's default sequential pipeline (inputs propagated through the pruned layers, as
-ours). ``--owl`` adds llm-compressor's OWL profile (``sparsity_profile="owl"``, ``owl_m=5``, ``owl_lmbda=0.08``).
+ours). At ``--owl-patterns`` both sides also run OWL (``sparsity_profile="owl"``, ``owl_m=5``, lambda ``0.08``).
 
-    python benchmarks/peers.py --model smollm2-135m          # about 40 minutes on 2 cores
+    python benchmarks/peers.py --model smollm2-135m          # about 35 minutes on 2 cores
 
 Writes ``benchmarks/results/peers-<model>.json`` and ``.md``.
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "optimum-admm"
 VENV = CACHE / "peers-venv"
-PATTERNS = ["2:4", "0.6"]
+PATTERNS = ["2:4", "0.7"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,7 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--owl", action="store_true", help="also llm-compressor's OWL profile")
+    parser.add_argument(
+        "--owl-patterns",
+        nargs="*",
+        default=["0.7"],
+        help="unstructured patterns also run with the OWL profile, on both sides",
+    )
     parser.add_argument("--llmcompressor-version", default="0.14.0.1")
     parser.add_argument(
         "--linear-targets",
@@ -129,8 +134,9 @@ def worker(spec_path: Path) -> None:
         from optimum_admm import ADMMConfig, ADMMPruner, SparseGPTConfig, WandaConfig
 
         config_class = {"sparsegpt": SparseGPTConfig, "wanda": WandaConfig, "admm": ADMMConfig}[spec["method"]]
+        profile = {"sparsity_profile": "owl", "owl_m": 5.0, "owl_lambda": 0.08} if spec.get("owl") else {}
         config = config_class(sparsity=sparsity, mask_structure=structure, num_samples=len(calibration),
-                              sequence_length=calibration.shape[1], seed=spec["seed"])  # fmt: skip
+                              sequence_length=calibration.shape[1], seed=spec["seed"], **profile)  # fmt: skip
         flops = admm_flops(model, config.iterations) if spec["method"] == "admm" else None
         rate = gemm_rate() if flops else None
         start = time.perf_counter()
@@ -165,10 +171,18 @@ def worker(spec_path: Path) -> None:
     perplexity["mean"] = statistics.mean(perplexity.values())
     linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     zeros = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
+    blocks: dict[str, list[int]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in n:
+            entry = blocks.setdefault(n.split(".layers.")[1].split(".")[0], [0, 0])
+            entry[0] += int((m.weight == 0).sum())
+            entry[1] += m.weight.numel()
+    block_sparsity = [z / t for _, (z, t) in sorted(blocks.items(), key=lambda item: int(item[0]))]
     head = model.get_output_embeddings().weight
     head_zeros = float((head == 0).float().mean())
     print("RESULT " + json.dumps({"wall": wall, "timings": timings, "perplexity": perplexity,
-                                  "sparsity": zeros, "head_sparsity": head_zeros, "settings": settings}))  # fmt: skip
+                                  "sparsity": zeros, "head_sparsity": head_zeros, "block_sparsity": block_sparsity,
+                                  "settings": settings}))  # fmt: skip
 
 
 # --- driver -------------------------------------------------------------------------------------------------------
@@ -250,24 +264,27 @@ def main(argv=None) -> None:
     work = CACHE / "peers" / args.model
     model_path = prepare(args, work)
     sides = {"optimum-admm": Path(sys.executable), "llm-compressor": peers_python}
-    specs = []
+    specs = []  # the two sides of one setting next to each other: with --jobs 2 they run at the same time
     for seed in range(args.seeds):
         for pattern in args.patterns:
             for method in args.methods:
-                for side in sides:
-                    if side == "llm-compressor" and method == "admm":
-                        continue
-                    base = {"side": side, "method": method, "pattern": pattern, "seed": seed, "model_path": model_path,
-                            "work": str(work), "threads": args.threads, "eval_length": args.eval_length}  # fmt: skip
-                    specs.append(base)
-                    if args.owl and side == "llm-compressor" and ":" not in pattern:
-                        specs.append({**base, "owl": True})
-                    if args.linear_targets and side == "llm-compressor" and seed == 0:
-                        specs.append({**base, "linear_targets": True})
+                variants = [{}] + ([{"owl": True}] if pattern in args.owl_patterns else [])
+                variants += [{"linear_targets": True}] if args.linear_targets and seed == 0 else []
+                for variant in variants:
+                    for side in sides:
+                        if side == "llm-compressor" and method == "admm":
+                            continue
+                        if variant.get("linear_targets") and side != "llm-compressor":
+                            continue
+                        specs.append({"side": side, "method": method, "pattern": pattern, "seed": seed,
+                                      "model_path": model_path, "work": str(work), "threads": args.threads,
+                                      "eval_length": args.eval_length, **variant})  # fmt: skip
     rows = []
+    partial = HERE / "results" / f"peers-{args.model}.partial.json"
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for row in pool.map(lambda spec: run(sides[spec["side"]], spec, work), specs):
             rows.append(row)
+            partial.write_text(json.dumps(rows, indent=1) + "\n")  # what was measured survives an interruption
             print(json.dumps({k: row.get(k) for k in ("side", "method", "pattern", "seed", "wall", "error")}
                              | {"ppl": row.get("perplexity", {}).get("mean")}), flush=True)  # fmt: skip
     versions = subprocess.run([str(peers_python), "-c", "import importlib.metadata as m; print({n: m.version(n) for n in "
@@ -285,7 +302,32 @@ def main(argv=None) -> None:
     out = {"environment": environment, "settings": settings, "rows": rows}
     (HERE / "results" / f"peers-{args.model}.json").write_text(json.dumps(out, indent=1) + "\n")
     (HERE / "results" / f"peers-{args.model}.md").write_text(table(out))
+    partial.unlink(missing_ok=True)
+    plot_owl(out, HERE / "results" / f"peers-{args.model}-owl.png")
     print(table(out))
+
+
+def plot_owl(out: dict, path: Path) -> None:
+    """Per-block sparsity of every OWL run (first seed), both sides."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in out["rows"] if r.get("owl") and r.get("seed") == 0 and "block_sparsity" in r]
+    if not rows:
+        return
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    for row in rows:
+        axis.plot(row["block_sparsity"], marker=".", label=f"{row['side']} {row['method']} {row['pattern']}")
+    axis.set_xlabel("decoder block")
+    axis.set_ylabel("sparsity")
+    axis.set_title(f"OWL per-block sparsity, {out['settings']['model']}")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def achieved(timings: list[dict]) -> str:

@@ -57,7 +57,14 @@ def prunable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if module is not None:
             exempt_ids.update(id(p) for p in module.parameters())
-    return {n: p for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in exempt_ids}
+    from optimum_admm.modeling import language_model
+
+    language = language_model(model)  # a multimodal model: its language model only (towers, projectors stay dense)
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if p.dim() >= 2 and id(p) not in exempt_ids and (language is None or n.startswith(f"{language}."))
+    }
 
 
 #: Suffix of the sweep's names for the image-text-to-text model types (built with AutoModelForImageTextToText).
