@@ -166,6 +166,8 @@ def check_causal(model: nn.Module) -> None:
     output = output.to_tuple()[0] if hasattr(output, "to_tuple") else _first_output(output)  # logits / hidden
     if not isinstance(output, torch.Tensor) or output.dim() < 2 or output.shape[:2] != (2, 4):
         return
+    if not bool(torch.isfinite(output).all()):  # non-finite weights: the finite-weight check names them
+        return
     if not torch.allclose(output[0, :3].float(), output[1, :3].float(), rtol=1e-3, atol=1e-4):
         raise InvalidArgumentError(
             f"model={type(model).__name__} is not a causal language model: its output at a position changes with "
@@ -660,8 +662,6 @@ def prune_model(
     model.eval()
     try:
         with torch.no_grad():
-            if run.store.resident and run.spec.needs_calibration:  # calibrating a bidirectional model is refused
-                check_causal(model)  # before any work (magnitude runs no forward at all, and needs none)
             inputs = None
             if run.spec.needs_calibration and first < len(run.blocks):
                 capture = local  # resumed: for the arguments (per sample where they depend on it)
@@ -794,10 +794,23 @@ def _check_coverage(model, blocks_name, blocks, layers, config, allow_unpruned: 
     warnings.warn(f"{share:.1%} of the {where} stay dense: {names}", stacklevel=4)
 
 
+def _check_causal_now(model: nn.Module) -> None:
+    """:func:`check_causal` in eval mode without gradients (magnitude runs no forward at all, and needs none)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            check_causal(model)
+    finally:
+        model.train(was_training)
+
+
 def _new_run(model, config, store, checkpoint_dir, allow_unpruned: bool = False) -> _Run:
     blocks_name, blocks = find_decoder_blocks(model)
     default_targets = default_of(type(config), "targets")
     layers = find_prunable_layers(model, config.targets, config.ignore, blocks, blocks_name, default_targets)
+    if (store is None or store.resident) and get_spec(config).needs_calibration:
+        _check_causal_now(model)  # a bidirectional model is refused for what it is, before its coverage is judged
     _check_coverage(model, blocks_name, blocks, layers, config, allow_unpruned)
     store = store or store_for(model)
     store.bind(blocks_name, blocks)
