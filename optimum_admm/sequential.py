@@ -647,13 +647,16 @@ def prune_model(
     Example:
         >>> report = prune_model(model, ADMMConfig(), batches, checkpoint_dir="ckpt")  # doctest: +SKIP
     """
-    run = _new_run(model, config, store, checkpoint_dir, allow_unpruned)
+    run = _new_run(model, config, store, checkpoint_dir)
     _check_profile(run)
     storage = resolve_storage(storage_device, activation_cache_dir)
     if run.spec.needs_calibration:
         _check_batches(run, calibration_batches)
         local = run.dist.shard(calibration_batches)  # this rank's samples
         check_activation_storage(model, len(local), int(calibration_batches[0].shape[1]), activation_memory, storage)
+    if run.store.resident and run.spec.needs_calibration:
+        _check_causal_now(model)  # a bidirectional model is refused for what it is, before its coverage is judged
+    _check_coverage(model, run.store.blocks_name, run.blocks, run.layers_per_block, config, allow_unpruned)
     first = 0 if checkpoint_dir is None else _start_checkpoint(run, calibration_batches)
     if run.store.resident:  # every weight checked before the first forward (a streamed block: as it is read)
         for index in range(len(run.blocks)):
@@ -805,13 +808,10 @@ def _check_causal_now(model: nn.Module) -> None:
         model.train(was_training)
 
 
-def _new_run(model, config, store, checkpoint_dir, allow_unpruned: bool = False) -> _Run:
+def _new_run(model, config, store, checkpoint_dir) -> _Run:
     blocks_name, blocks = find_decoder_blocks(model)
     default_targets = default_of(type(config), "targets")
     layers = find_prunable_layers(model, config.targets, config.ignore, blocks, blocks_name, default_targets)
-    if (store is None or store.resident) and get_spec(config).needs_calibration:
-        _check_causal_now(model)  # a bidirectional model is refused for what it is, before its coverage is judged
-    _check_coverage(model, blocks_name, blocks, layers, config, allow_unpruned)
     store = store or store_for(model)
     store.bind(blocks_name, blocks)
     report = PruningReport(method=config.method, config=config.to_dict())
