@@ -15,7 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .algorithms import admm_prune, magnitude_mask, magnitude_prune, sparsegpt_prune, wanda_mask, wanda_prune
+from .algorithms import (
+    admm_prune,
+    admm_prune_group,
+    magnitude_mask,
+    magnitude_prune,
+    sparsegpt_prune,
+    sparsegpt_prune_group,
+    wanda_mask,
+    wanda_prune,
+)
 from .configuration import (
     ADMMConfig,
     MagnitudeConfig,
@@ -29,6 +38,7 @@ from .errors import InvalidArgumentError
 from .stats import Statistic, StatisticAccumulator, resolve_statistic
 
 __all__ = [
+    "LayerGroupFn",
     "LayerMaskFn",
     "LayerPruneFn",
     "MethodSpec",
@@ -42,6 +52,10 @@ __all__ = [
 
 #: ``fn(weight (out, in), statistic value or None, config) -> pruned weight``.
 LayerPruneFn = Callable[[torch.Tensor, "torch.Tensor | None", PruningConfig], torch.Tensor]
+
+#: ``fn([weight (out_i, in)], shared statistic value, [config_i]) -> [pruned weight_i]``: several layers that read the
+#: same input solved together (the configs differ at most in ``sparsity``); must equal ``fn`` per layer.
+LayerGroupFn = Callable[[list[torch.Tensor], "torch.Tensor | None", list[PruningConfig]], list[torch.Tensor]]
 
 #: ``fn(weight (out, in), statistic value or None, config) -> keep mask`` (bool, the weight's shape): for methods
 #: whose pruned weight is ``weight.masked_fill(~keep, 0)``.
@@ -64,6 +78,7 @@ class MethodSpec:
     mask_fn: LayerMaskFn | None
     statistic: Callable[[int, torch.device], StatisticAccumulator] | None
     statistic_name: str
+    group_fn: LayerGroupFn | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -80,6 +95,7 @@ def register_method(
     *,
     mask_fn: LayerMaskFn | None = None,
     statistic: Statistic = "gram",
+    group_fn: LayerGroupFn | None = None,
 ) -> MethodSpec:
     """Register the layer-pruning function run for configs of type ``config_cls``, under ``config_cls.method``.
 
@@ -90,6 +106,9 @@ def register_method(
             instead of ``fn`` and zeroes the weight in place (``fn`` must equal ``weight.masked_fill(~mask, 0)``).
         statistic: what the method reads of each layer's inputs (see :mod:`optimum_admm.stats`); ``None`` for a
             method that reads no calibration data (its config must say ``needs_calibration = False``).
+        group_fn: optionally, ``group_fn(weights, statistic, configs) -> pruned weights`` for layers that share one
+            input (and so one statistic): the driver calls it once for such a group (q/k/v, gate/up) so the method can
+            factorise once and stack their rows. It must equal ``fn`` layer by layer, within float tolerance.
 
     Raises:
         ValueError: for a name registered already, a bad argument or a statistic that contradicts the config.
@@ -115,6 +134,8 @@ def register_method(
         raise InvalidArgumentError(f"fn={fn!r} is invalid; allowed: a callable")
     if mask_fn is not None and not callable(mask_fn):
         raise InvalidArgumentError(f"mask_fn={mask_fn!r} is invalid; allowed: a callable or None")
+    if group_fn is not None and not callable(group_fn):
+        raise InvalidArgumentError(f"group_fn={group_fn!r} is invalid; allowed: a callable or None")
     factory = resolve_statistic(statistic)
     if (factory is not None) != config_cls.needs_calibration:
         raise InvalidArgumentError(
@@ -122,7 +143,7 @@ def register_method(
             f"{config_cls.needs_calibration}; a method reads calibration data exactly when it declares a statistic"
         )
     label = statistic if isinstance(statistic, str) or statistic is None else getattr(statistic, "__name__", "custom")
-    spec = MethodSpec(name, config_cls, fn, mask_fn, factory, str(label))
+    spec = MethodSpec(name, config_cls, fn, mask_fn, factory, str(label), group_fn)
     add_config_class(config_cls)
     _SPECS[name] = spec
     return spec
@@ -184,9 +205,36 @@ def _admm(weight: torch.Tensor, gram: torch.Tensor | None, config: ADMMConfig) -
     )
 
 
+def _admm_group(
+    weights: list[torch.Tensor], gram: torch.Tensor | None, configs: list[ADMMConfig]
+) -> list[torch.Tensor]:
+    c = configs[0]
+    return admm_prune_group(
+        weights,
+        gram,
+        [config.sparsity for config in configs],
+        nm=c.nm,
+        schedule=c.schedule,
+        iterations=c.iterations,
+        mask_iterations=c.mask_iterations,
+        rho=c.rho,
+        dampening=c.dampening,
+        per_output=c.per_output,
+    )
+
+
 def _sparsegpt(weight: torch.Tensor, gram: torch.Tensor | None, config: SparseGPTConfig) -> torch.Tensor:
     return sparsegpt_prune(
         weight, gram, config.sparsity, nm=config.nm, block_size=config.block_size, dampening=config.dampening
+    )
+
+
+def _sparsegpt_group(
+    weights: list[torch.Tensor], gram: torch.Tensor | None, configs: list[SparseGPTConfig]
+) -> list[torch.Tensor]:
+    c = configs[0]
+    return sparsegpt_prune_group(
+        weights, gram, [config.sparsity for config in configs], nm=c.nm, block_size=c.block_size, dampening=c.dampening
     )
 
 
@@ -206,7 +254,7 @@ def _magnitude_mask(weight: torch.Tensor, gram: torch.Tensor | None, config: Mag
     return magnitude_mask(weight, config.sparsity, nm=config.nm, per_output=config.per_output)
 
 
-register_method(ADMMConfig, _admm, statistic="gram")
-register_method(SparseGPTConfig, _sparsegpt, statistic="gram")
+register_method(ADMMConfig, _admm, statistic="gram", group_fn=_admm_group)
+register_method(SparseGPTConfig, _sparsegpt, statistic="gram", group_fn=_sparsegpt_group)
 register_method(WandaConfig, _wanda, mask_fn=_wanda_mask, statistic="input_norms")
 register_method(MagnitudeConfig, _magnitude, mask_fn=_magnitude_mask, statistic=None)

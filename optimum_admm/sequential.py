@@ -447,12 +447,73 @@ def _prune_layer(
     return row
 
 
-def _solve(run: _Run, name: str, accumulator: StatisticAccumulator | None) -> LayerReport:
-    config = run.config
+def _layer_config(run: _Run, name: str) -> PruningConfig:
     if name in run.targets:  # a non-uniform profile: this layer's own sparsity
-        config = dataclasses.replace(config, sparsity=run.targets[name], sparsity_map={}, sparsity_profile="uniform")
+        return dataclasses.replace(run.config, sparsity=run.targets[name], sparsity_map={}, sparsity_profile="uniform")
+    return run.config
+
+
+def _solve(run: _Run, name: str, accumulator: StatisticAccumulator | None) -> LayerReport:
     with run.timer.phase("solve"), run.store.module(name) as module:
-        return _prune_layer(name, module, accumulator, config, run.spec)
+        return _prune_layer(name, module, accumulator, _layer_config(run, name), run.spec)
+
+
+#: Layers sharing an input are stacked into one solve up to this many weights (fp32 workspace about 5x this, 4 bytes
+#: each); larger layers already run their products at full rate alone.
+GROUP_SOLVE_ELEMENTS = 1 << 25
+
+
+def _solve_units(run: _Run, names: list[str], accumulators: dict[str, StatisticAccumulator]) -> list[list[str]]:
+    """The solves of one stage: consecutive layers sharing one statistic together when the method solves groups
+    (up to :data:`GROUP_SOLVE_ELEMENTS` weights), every other layer alone."""
+    units: list[list[str]] = []
+    size = 0
+    for name in names:
+        if name in run.report.left_dense:
+            continue
+        elements = get_weight_matrix(run.layers[name]).numel()
+        if (
+            run.spec.group_fn is not None
+            and units
+            and accumulators[units[-1][-1]] is accumulators[name]
+            and size + elements <= GROUP_SOLVE_ELEMENTS
+        ):
+            units[-1].append(name)
+            size += elements
+        else:
+            units.append([name])
+            size = elements
+    return units
+
+
+def _solve_group(run: _Run, names: list[str], accumulator: StatisticAccumulator) -> list[LayerReport]:
+    """Prune layers that read one input with the method's group function; each gets its own report row (its share
+    of the solve's time by rows)."""
+    if len(names) == 1:
+        return [_solve(run, names[0], accumulator)]
+    with run.timer.phase("solve"), run.store.modules(names) as modules:
+        start = time.perf_counter()
+        dense = [get_weight_matrix(module) for module in modules]
+        gram = accumulator.gram if isinstance(accumulator, GramAccumulator) else None
+        pruned = run.spec.group_fn(dense, accumulator.value, [_layer_config(run, name) for name in names])
+        errors = [
+            None if gram is None else relative_reconstruction_error(d, p, gram)
+            for d, p in zip(dense, pruned, strict=True)
+        ]
+        for module, weight in zip(modules, pruned, strict=True):
+            set_weight_matrix(module, weight)
+        del pruned
+        if dense[0].is_cuda:
+            torch.cuda.synchronize(dense[0].device)
+        seconds = time.perf_counter() - start
+        rows = sum(d.shape[0] for d in dense)
+        reports = []
+        for name, module, d, error in zip(names, modules, dense, errors, strict=True):
+            sparsity = 1.0 - float(torch.count_nonzero(get_weight_matrix(module))) / d.numel()
+            row = LayerReport(name, tuple(d.shape), sparsity, error, seconds * d.shape[0] / rows)
+            row.num_tokens = accumulator.num_tokens
+            reports.append(row)
+    return reports
 
 
 def _record(run: _Run, row: LayerReport) -> None:
@@ -464,28 +525,36 @@ def _record(run: _Run, row: LayerReport) -> None:
 
 
 def _solve_stage(run: _Run, names: list[str], accumulators: dict[str, StatisticAccumulator]) -> None:
-    """Prune the layers of one stage. With several ranks each layer is solved on the rank
-    :func:`~optimum_admm.distributed.assign_layers` gives it, and its pruned weight and report row are broadcast."""
-    shapes = {n: get_weight_matrix(run.layers[n]).shape for n in names}
-    costs = {n: float(out * inp * inp) for n, (out, inp) in shapes.items()}  # a solve's (out x in)(in x in) products
-    owners = assign_layers(costs, run.dist.world_size)
-    rows: dict[str, LayerReport | None] = {}
+    """Prune the layers of one stage, layers sharing an input in one solve where the method can. With several ranks
+    each solve runs on the rank :func:`~optimum_admm.distributed.assign_layers` gives it, and its pruned weights and
+    report rows are broadcast."""
     # summed over the ranks: the same everywhere; the capture named most before any work (this finds the rest)
     _left_uncalled(run, [n for n in names if accumulators[n].num_tokens == 0 and n not in run.report.left_dense])
-    layer_bar = tqdm(names, desc="layers", unit="layer", leave=False, disable=not run.show_progress)
-    for name in layer_bar:  # inside a block too: a large model's block takes minutes
+    units = _solve_units(run, names, accumulators)
+    costs = {}
+    for unit in units:  # a solve's (out x in)(in x in) products
+        shapes = [get_weight_matrix(run.layers[n]).shape for n in unit]
+        costs[unit[0]] = float(sum(out for out, _ in shapes) * shapes[0][1] ** 2)
+    owners = assign_layers(costs, run.dist.world_size)
+    rows: dict[str, LayerReport | None] = {}
+    unit_bar = tqdm(units, desc="layers", unit="solve", leave=False, disable=not run.show_progress)
+    for unit in unit_bar:  # inside a block too: a large model's block takes minutes
+        accumulator = accumulators[unit[0]]
+        if owners[unit[0]] == run.dist.rank:
+            rows.update(zip(unit, _solve_group(run, unit, accumulator), strict=True))
+        else:
+            rows.update((name, None) for name in unit)
         # The dict holds the only references: a group's statistic is freed once its last layer is pruned.
-        accumulator = accumulators.pop(name)
-        if name in run.report.left_dense:
-            continue
-        rows[name] = _solve(run, name, accumulator) if owners[name] == run.dist.rank else None
+        for name in unit:
+            del accumulators[name]
         del accumulator
         release_freed_host_memory()
+    owner_of = {name: owners[unit[0]] for unit in units for name in unit}
     for name in rows:
         if run.dist.enabled:
             with run.timer.phase("communication"), run.store.module(name) as module:
-                run.dist.broadcast_(get_weight_matrix(module), owners[name])
-                rows[name] = run.dist.broadcast_object(rows[name], owners[name])
+                run.dist.broadcast_(get_weight_matrix(module), owner_of[name])
+                rows[name] = run.dist.broadcast_object(rows[name], owner_of[name])
         _record(run, rows[name])
 
 

@@ -102,6 +102,21 @@ class WeightStore:
             yield module if found is None else found[1]
 
     @contextlib.contextmanager
+    def modules(self, names: list[str], write: bool = True) -> Iterator[list[nn.Module]]:
+        """Several modules at once, as :meth:`module` gives each; a module that holds several of them (the gate and
+        up matrices of one fused expert) is held once."""
+        with contextlib.ExitStack() as stack:
+            held: dict[str, nn.Module] = {}
+            modules = []
+            for name in names:
+                found = expert_matrix(self.model, name)
+                owner = name if found is None else found[0]
+                if owner not in held:
+                    held[owner] = stack.enter_context(self._hold(owner, write))
+                modules.append(held[owner] if found is None else found[1])
+            yield modules
+
+    @contextlib.contextmanager
     def _hold(self, name: str, write: bool) -> Iterator[nn.Module]:
         """A real submodule with its own parameters present (what :meth:`module` needs of a store)."""
         yield self.model.get_submodule(name)

@@ -22,13 +22,14 @@ All maths in fp32 with TF32 off; the result is cast back to the weight's dtype.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 
 from ..masks import scheduled_sparsity, select_mask
 from ._precision import full_fp32
 
-__all__ = ["admm_prune"]
+__all__ = ["admm_prune", "admm_prune_group"]
 
 _EPS = 1e-8
 
@@ -93,34 +94,73 @@ def admm_prune(
         >>> int((pruned == 0).sum())
         64
     """
-    if sparsity <= 0:
-        return weight.detach().clone()
+    return admm_prune_group(
+        [weight], gram, [sparsity], nm, schedule, iterations, mask_iterations, rho, dampening, per_output
+    )[0]
+
+
+def admm_prune_group(
+    weights: Sequence[torch.Tensor],
+    gram: torch.Tensor,
+    sparsities: Sequence[float],
+    nm: tuple[int, int] | None = None,
+    schedule: str = "cubic",
+    iterations: int = 20,
+    mask_iterations: int = 15,
+    rho: float = 1.0,
+    dampening: float = 0.1,
+    per_output: bool = False,
+) -> list[torch.Tensor]:
+    """Prune several layers that read the same input (q/k/v, gate/up) in one solve: one factorisation of the shared
+    Gram, their rows stacked into every product, each layer's mask selected over its own rows at its own sparsity.
+    Equal to one :func:`admm_prune` per layer (rows are independent in every step but the mask selection).
+
+    Example:
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(256, 16, generator=generator)
+        >>> q, k = torch.randn(8, 16, generator=generator), torch.randn(4, 16, generator=generator)
+        >>> pq, pk = admm_prune_group([q, k], x.T @ x, [0.5, 0.75])
+        >>> int((pq == 0).sum()), int((pk == 0).sum())
+        (64, 48)
+    """
+    if len(weights) != len(sparsities):
+        raise ValueError(f"{len(weights)} weights but {len(sparsities)} sparsities")
+    results: list[torch.Tensor | None] = [
+        w.detach().clone() if s <= 0 else None for w, s in zip(weights, sparsities, strict=True)
+    ]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if not todo:
+        return results  # type: ignore[return-value]
     with torch.no_grad(), full_fp32():
-        w0 = weight.detach().to(torch.float32)
-        g = gram.to(device=w0.device, dtype=torch.float32)
+        device = weights[todo[0]].device
+        g = gram.to(device=device, dtype=torch.float32)
         diag = g.diagonal()
         dead = diag <= 0
         d = diag.clamp_min(0).sqrt() + _EPS
         h = g / d[:, None] / d[None, :]  # G^, unit diagonal
-        # The paper's V lives in (in, out); we keep its transpose V^T = W0 D (out, in), so masks are selected in the
-        # weight's own layout with no transposes, and every product is taken from the right (A is symmetric).
-        v0 = w0 * d
         h.diagonal().add_(dampening * float(h.diagonal().mean()))  # H = G^ + lambda I
-        b = v0 @ h  # (H V0)^T
         h.diagonal().add_(rho)  # A = H + rho I
         a_inv = _cholesky_inverse(h)
         del h
-        a_inv_b = b @ a_inv
-        del b
+        # The paper's V lives in (in, out); we keep its transpose V^T = W0 D (out, in), so masks are selected in the
+        # weight's own layout with no transposes, and every product is taken from the right (A is symmetric).
+        # A^-1 B = A^-1 H V0 = A^-1 (A - rho I) V0 = V0 - rho A^-1 V0: one product, no copy of H kept.
+        v0 = torch.cat([weights[i].detach().to(device=device, dtype=torch.float32) for i in todo]) * d
+        a_inv_b = torch.addmm(v0, v0, a_inv, alpha=-rho)
+        bounds = [0]
+        for i in todo:
+            bounds.append(bounds[-1] + weights[i].shape[0])
+        segments = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
         v = v0
         u = torch.zeros_like(v)
-        keep = None
+        keep = torch.empty(v.shape, dtype=torch.bool, device=device)
         for t in range(iterations):
             vu = v + u
             if t < mask_iterations:
-                s_t = scheduled_sparsity(sparsity, t, mask_iterations, schedule)
-                keep = select_mask(vu.abs(), s_t, nm=nm, per_output=per_output)
+                for i, rows in zip(todo, segments, strict=True):
+                    s_t = scheduled_sparsity(float(sparsities[i]), t, mask_iterations, schedule)
+                    keep[rows] = select_mask(vu[rows].abs(), s_t, nm=nm, per_output=per_output)
             z = vu * keep
             u = vu - z  # U + V - Z
             v = torch.addmm(a_inv_b, z - u, a_inv, alpha=rho)  # (A^-1 (B + rho (Z - U)))^T
@@ -128,4 +168,6 @@ def admm_prune(
         pruned[:, dead] = 0.0
         if not torch.isfinite(pruned).all():
             raise FloatingPointError("ADMM produced non-finite weights; check the calibration activations.")
-    return pruned.to(dtype=weight.dtype).contiguous()
+        for i, rows in zip(todo, segments, strict=True):
+            results[i] = pruned[rows].to(dtype=weights[i].dtype).contiguous()
+    return results  # type: ignore[return-value]

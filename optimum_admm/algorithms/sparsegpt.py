@@ -13,13 +13,15 @@ and ``U`` the upper Cholesky factor of ``H^-1``, columns are swept in blocks of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..masks import nm_mask, unstructured_mask
 from ._precision import full_fp32
 from .admm import _cholesky_inverse
 
-__all__ = ["sparsegpt_prune"]
+__all__ = ["sparsegpt_prune", "sparsegpt_prune_group"]
 
 
 def sparsegpt_prune(
@@ -47,11 +49,41 @@ def sparsegpt_prune(
         >>> int((pruned == 0).sum())
         32
     """
-    if sparsity <= 0:
-        return weight.detach().clone()
+    return sparsegpt_prune_group([weight], gram, [sparsity], nm=nm, block_size=block_size, dampening=dampening)[0]
+
+
+def sparsegpt_prune_group(
+    weights: Sequence[torch.Tensor],
+    gram: torch.Tensor,
+    sparsities: Sequence[float],
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    dampening: float = 0.01,
+) -> list[torch.Tensor]:
+    """Prune several layers that read the same input in one sweep: one factorisation of the shared Hessian, their rows
+    stacked through the column loop (one Python loop instead of one per layer), each layer's unstructured mask chosen
+    over its own rows. Equal to one :func:`sparsegpt_prune` per layer.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(128, 16, generator=g)
+        >>> a, b = sparsegpt_prune_group([torch.randn(4, 16, generator=g), torch.randn(2, 16, generator=g)], x.T @ x,
+        ...                              [0.5, 0.25])
+        >>> int((a == 0).sum()), int((b == 0).sum())
+        (32, 8)
+    """
+    if len(weights) != len(sparsities):
+        raise ValueError(f"{len(weights)} weights but {len(sparsities)} sparsities")
+    results: list[torch.Tensor | None] = [
+        w.detach().clone() if s <= 0 else None for w, s in zip(weights, sparsities, strict=True)
+    ]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if not todo:
+        return results  # type: ignore[return-value]
     with torch.no_grad(), full_fp32():
-        w = weight.detach().to(torch.float32).clone()
-        h = gram.to(device=w.device, dtype=torch.float32).clone()
+        device = weights[todo[0]].device
+        w = torch.cat([weights[i].detach().to(device=device, dtype=torch.float32) for i in todo])
+        h = gram.to(device=device, dtype=torch.float32).clone()
         columns = w.shape[1]
         dead = h.diagonal() <= 0
         h[dead, dead] = 1.0
@@ -60,6 +92,10 @@ def sparsegpt_prune(
         h_inv = _cholesky_inverse(h)
         u = torch.linalg.cholesky(h_inv, upper=True)
         del h, h_inv
+        bounds = [0]
+        for i in todo:
+            bounds.append(bounds[-1] + weights[i].shape[0])
+        segments = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
         for start in range(0, columns, block_size):
             end = min(start + block_size, columns)
@@ -67,12 +103,14 @@ def sparsegpt_prune(
             u_block = u[start:end, start:end]
             u_diag = u_block.diagonal()
             errors = torch.zeros_like(w_block)
-            if nm is None:
-                prune = ~unstructured_mask(w_block.square() / u_diag.square(), sparsity)
-            else:  # filled one group of M columns at a time, as the sweep reaches it (no re-allocation per group)
-                prune = torch.zeros_like(w_block, dtype=torch.bool)
+            prune = torch.zeros_like(w_block, dtype=torch.bool)
+            if nm is None:  # each layer's own share of its rows in this block
+                for i, rows in zip(todo, segments, strict=True):
+                    prune[rows] = ~unstructured_mask(w_block[rows].square() / u_diag.square(), float(sparsities[i]))
             for i in range(end - start):
-                if nm is not None and i % nm[1] == 0:
+                if (
+                    nm is not None and i % nm[1] == 0
+                ):  # filled one group of M columns at a time, as the sweep reaches it
                     group = slice(i, i + nm[1])
                     prune[:, group] = ~nm_mask(w_block[:, group].square() / u_diag[group].square(), nm[0], nm[1])
                 column = w_block[:, i]
@@ -86,4 +124,6 @@ def sparsegpt_prune(
         w[:, dead] = 0.0
         if not torch.isfinite(w).all():
             raise FloatingPointError("SparseGPT produced non-finite weights; check the calibration activations.")
-    return w.to(dtype=weight.dtype)
+        for i, rows in zip(todo, segments, strict=True):
+            results[i] = w[rows].to(dtype=weights[i].dtype)
+    return results  # type: ignore[return-value]
