@@ -350,3 +350,16 @@ def get_calibration_data(
         windows = torch.cat([torch.full((num_samples, 1), bos, dtype=windows.dtype), windows], dim=1)
     logger.info("calibration: %d windows of %d tokens from %d tokens", num_samples, windows.shape[1], ids.numel())
     return windows.long()
+
+
+def calibration_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The ``(batch, sequence_length)`` tensors the driver runs through each block: ``batch_size`` windows each, one
+    each when several processes prune (they shard the calibration by sample).
+
+    Example:
+        >>> [tuple(b.shape) for b in calibration_batches(torch.zeros(5, 4, dtype=torch.long), 2)]
+        [(2, 4), (2, 4), (1, 4)]
+    """
+    from .distributed import current
+
+    return list(ids.split(1 if current().enabled else batch_size))

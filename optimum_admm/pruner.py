@@ -12,7 +12,14 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
-from .calibration import CalibrationSource, describe_source, get_calibration_data, vocabulary_size, window_length
+from .calibration import (
+    CalibrationSource,
+    calibration_batches,
+    describe_source,
+    get_calibration_data,
+    vocabulary_size,
+    window_length,
+)
 from .configuration import ADMMConfig, PruningConfig, default_of
 from .errors import InvalidArgumentError
 from .modeling import find_decoder_blocks, find_prunable_layers, get_weight_matrix
@@ -231,7 +238,7 @@ class ADMMPruner(OptimumQuantizer):
                 text_column=text_column,
                 vocab_size=vocabulary_size(self.model),
             )
-            batches = list(ids.split(1))
+            batches = calibration_batches(ids, config.calibration_batch_size)
             calibration = {
                 "dataset": describe_source(calibration_dataset),
                 "num_samples": int(ids.shape[0]),

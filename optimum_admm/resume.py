@@ -121,8 +121,11 @@ def fingerprint(model: nn.Module, config_dict: dict[str, Any], batches: list[tor
         _hash_tensor(digest, embedding)
     data = hashlib.sha256()
     for batch in batches or []:
-        _hash_tensor(data, batch)
-    config = {k: v for k, v in config_dict.items() if k != "optimum_admm_version"}
+        for sample in batch.split(1):  # the samples, however they are batched
+            _hash_tensor(data, sample)
+    # how many samples run at once changes the result only by float rounding: a run may resume with another
+    # batch size (several processes run one sample at a time)
+    config = {k: v for k, v in config_dict.items() if k not in ("optimum_admm_version", "calibration_batch_size")}
     result = {"config": config, "model": digest.hexdigest()[:16], "calibration": data.hexdigest()[:16]}
     revision = getattr(getattr(model, "config", None), "_commit_hash", None)
     if isinstance(revision, str) and revision:
@@ -224,7 +227,8 @@ def save_block(
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     atomic_write(block_path(directory, index), lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
     if next_inputs is not None:
-        hidden = {f"hidden.{j}": t.detach().to("cpu").contiguous() for j, t in enumerate(next_inputs)}
+        samples = [sample for t in next_inputs for sample in t.detach().to("cpu").split(1)]  # any batching resumes
+        hidden = {f"hidden.{j}": t.contiguous() for j, t in enumerate(samples)}
         atomic_write(directory / f"inputs-{index + 1:05d}.safetensors", lambda p: save_file(hidden, str(p)))
     state.next_block = index + 1
     _write_state(directory, state)
@@ -251,7 +255,7 @@ def load_block(checkpoint_dir: str | os.PathLike, index: int) -> dict[str, torch
 
 
 def load_inputs(checkpoint_dir: str | os.PathLike, index: int) -> list[torch.Tensor]:
-    """The hidden states recorded as block ``index``'s inputs, in batch order."""
+    """The hidden states recorded as block ``index``'s inputs, one ``(1, seq, hidden)`` tensor per sample, in order."""
     from safetensors.torch import load_file
 
     loaded = load_file(str(Path(checkpoint_dir) / f"inputs-{index:05d}.safetensors"))

@@ -656,7 +656,11 @@ def _restore(run: _Run, first: int, inputs: _BlockInputs | None) -> None:
     if inputs is not None and first < len(run.blocks):
         with run.timer.phase("load"):  # recorded in sample order: this rank's share, whatever the rank count was
             recorded = run.dist.shard(resume.load_inputs(run.checkpoint_dir, first))
-            inputs.hidden = [stash(h, inputs.storage) for h in recorded]
+            sizes, start, hidden = [int(h.shape[0]) for h in inputs.hidden], 0, []
+            for size in sizes:  # batched as this run batches its samples
+                hidden.append(stash(torch.cat(recorded[start : start + size]), inputs.storage))
+                start += size
+            inputs.hidden = hidden
 
 
 def _start_checkpoint(run: _Run, batches: list[torch.Tensor] | None) -> int:
@@ -722,7 +726,8 @@ def prune_model(
     if run.spec.needs_calibration:
         _check_batches(run, calibration_batches)
         local = run.dist.shard(calibration_batches)  # this rank's samples
-        check_activation_storage(model, len(local), int(calibration_batches[0].shape[1]), activation_memory, storage)
+        samples = sum(int(batch.shape[0]) for batch in local)
+        check_activation_storage(model, samples, int(calibration_batches[0].shape[1]), activation_memory, storage)
     if run.store.resident and run.spec.needs_calibration:
         _check_causal_now(model)  # a bidirectional model is refused for what it is, before its coverage is judged
     _check_coverage(model, run.store.blocks_name, run.blocks, run.layers_per_block, config, allow_unpruned)

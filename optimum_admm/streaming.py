@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from . import resume
-from .calibration import CalibrationSource, describe_source, get_calibration_data, vocabulary_size, window_length
+from .calibration import (
+    CalibrationSource,
+    calibration_batches,
+    describe_source,
+    get_calibration_data,
+    vocabulary_size,
+    window_length,
+)
 from .configuration import PruningConfig
 from .distributed import current as current_group
 from .errors import InvalidArgumentError
@@ -469,7 +476,7 @@ def _calibration_batches(model, source: Path, config: PruningConfig, dataset, to
     ids = get_calibration_data(dataset, tokenizer, config.num_samples, length, seed=config.seed, vocab_size=vocab)
     calibration = {"dataset": describe_source(dataset), "num_samples": int(ids.shape[0])}
     calibration.update({"sequence_length": int(ids.shape[1]), "seed": config.seed})
-    return list(ids.split(1)), calibration
+    return calibration_batches(ids, config.calibration_batch_size), calibration
 
 
 def prune_checkpoint(

@@ -43,8 +43,8 @@ def test_disk_activations_give_identical_weights_and_leave_nothing(tokenizer, co
         assert torch.equal(state[name], tensor), name
     assert [r.relative_error for r in report.layers] == [r.relative_error for r in expected_report.layers]
     blocks = len(build_tiny_model("llama").model.layers)
-    # captured inputs + the outputs of every block but the last (which feed nothing)
-    assert sum(stored.values()) == FAST["num_samples"] * blocks
+    # captured inputs + the outputs of every block but the last (which feed nothing), every sample once
+    assert sum(shape[0] * count for shape, count in stored.items()) == FAST["num_samples"] * blocks
     assert list(cache.iterdir()) == []
 
 

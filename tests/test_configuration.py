@@ -54,6 +54,8 @@ def test_nm_sets_the_implied_sparsity():
         ({"iterations": 10, "mask_iterations": 15}, "mask_iterations", "15"),
         ({"schedule": "linear"}, "schedule", "'linear'"),
         ({"num_samples": 0}, "num_samples", "0"),
+        ({"calibration_batch_size": 0}, "calibration_batch_size", "0"),
+        ({"calibration_batch_size": 2.0}, "calibration_batch_size", "2.0"),
         ({"sequence_length": 0}, "sequence_length", "0"),
         ({"rho": 0.0}, "rho", "0.0"),
         ({"dampening": -1.0}, "dampening", "-1.0"),

@@ -1,5 +1,6 @@
-"""Layers that read one input (q/k/v, gate/up, one expert's gate/up) solved together: one factorisation, stacked rows,
-each layer's own mask and sparsity. Equal to one solve per layer, in the algorithms and through the driver."""
+"""Waste removed from the solve and the driver, each equal to what it replaces: layers that read one input (q/k/v,
+gate/up, one expert's gate/up) solved together (one factorisation, stacked rows, each layer's own mask and sparsity),
+and calibration samples run through each block in batches."""
 
 from __future__ import annotations
 
@@ -111,3 +112,53 @@ def test_driver_group_solves_equal_separate_solves(config, tokenizer, corpus_tex
     for row, other in zip(report.layers, separate.layers, strict=True):
         assert row.sparsity == other.sparsity and row.num_tokens == other.num_tokens
         assert row.relative_error == pytest.approx(other.relative_error, rel=1e-3, abs=1e-6)
+
+
+def _prune_llama(tokenizer, corpus_text, **config):
+    model = build_tiny_model("llama")
+    config = ADMMConfig(num_samples=8, sequence_length=128, **config)
+    report = ADMMPruner(model=model, tokenizer=tokenizer, config=config).prune([corpus_text], show_progress=False)
+    return model, report
+
+
+def test_batched_calibration_equals_one_sample_at_a_time(tokenizer, corpus_text, monkeypatch):
+    shapes = []
+    real = sequential._run_block
+
+    def spy(block, inputs, index, device, storage):
+        shapes.extend(tuple(h.shape[:1]) for h in inputs.hidden)
+        return real(block, inputs, index, device, storage)
+
+    monkeypatch.setattr(sequential, "_run_block", spy)
+    batched, report = _prune_llama(tokenizer, corpus_text, calibration_batch_size=3)
+    assert set(shapes) == {(3,), (2,)}  # 8 samples: 3 + 3 + 2
+    shapes.clear()
+    single, single_report = _prune_llama(tokenizer, corpus_text, calibration_batch_size=1)
+    assert set(shapes) == {(1,)}
+    for (name, a), b in zip(batched.named_parameters(), single.parameters(), strict=True):
+        assert torch.equal(a == 0, b == 0), name
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name
+    assert [r.num_tokens for r in report.layers] == [r.num_tokens for r in single_report.layers] != []
+
+
+def test_a_run_resumes_with_another_calibration_batch_size(tokenizer, corpus_text, tmp_path, monkeypatch):
+    from conftest import interrupt_at_block
+
+    expected, _ = _prune_llama(tokenizer, corpus_text, calibration_batch_size=1)
+    interrupt_at_block(monkeypatch, 1)
+    checkpoint = tmp_path / "ckpt"
+    model = build_tiny_model("llama")
+    config = ADMMConfig(num_samples=8, sequence_length=128, calibration_batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        ADMMPruner(model=model, tokenizer=tokenizer, config=config).prune(
+            [corpus_text], show_progress=False, checkpoint_dir=checkpoint
+        )
+    monkeypatch.undo()
+    resumed = build_tiny_model("llama")
+    config = ADMMConfig(num_samples=8, sequence_length=128, calibration_batch_size=1)
+    ADMMPruner(model=resumed, tokenizer=tokenizer, config=config).prune(
+        [corpus_text], show_progress=False, checkpoint_dir=checkpoint
+    )
+    for (name, a), b in zip(resumed.named_parameters(), expected.parameters(), strict=True):
+        assert torch.equal(a == 0, b == 0), name
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name

@@ -64,6 +64,12 @@ class PruneCommand(GuardedCommand):
         parser.add_argument("--text-column", default="text", help="The --dataset's text column (default: text).")
         parser.add_argument("--num-samples", type=_positive_int, default=None, help="Calibration windows (128).")
         parser.add_argument("--sequence-length", type=_positive_int, default=None, help="Tokens per window (2048).")
+        parser.add_argument(
+            "--calibration-batch-size",
+            type=_positive_int,
+            default=None,
+            help="Calibration windows run through each block at once (8).",
+        )
         parser.add_argument("--seed", type=int, default=None, help="Seed for the calibration windows (0).")
         parser.add_argument(
             "--calibrate-all-experts",
@@ -187,6 +193,7 @@ class PruneCommand(GuardedCommand):
             "mask_structure": args.pattern,
             "num_samples": args.num_samples,
             "sequence_length": args.sequence_length,
+            "calibration_batch_size": args.calibration_batch_size,
             "seed": args.seed,
             "calibrate_all_experts": True if args.calibrate_all_experts else None,
         }
