@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -36,7 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CACHE = Path.home() / ".cache" / "optimum-admm"
+sys.path.insert(0, str(HERE))
+import _common  # noqa: E402  (a sibling file: stdlib and torch only, so both interpreters import it)
+from _common import CACHE, admm_flops, gemm_rate, plain_perplexity  # noqa: E402
+
 VENV = CACHE / "peers-venv"
 PATTERNS = ["2:4", "0.7"]
 
@@ -70,50 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- worker: runs under either interpreter ------------------------------------------------------------------------
-
-
-def plain_perplexity(model, ids: list[int], length: int, bos: int | None) -> float:
-    import torch
-
-    nll, count = 0.0, 0
-    content = length - (1 if bos is not None else 0)
-    for start in range(0, len(ids), content):
-        window = ([bos] if bos is not None else []) + ids[start : start + content]
-        if len(window) < 2:
-            continue
-        input_ids = torch.tensor([window])
-        with torch.no_grad():
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-        nll += float(loss) * (len(window) - 1)
-        count += len(window) - 1
-    return math.exp(nll / count)
-
-
-def gemm_rate(seconds: float = 1.0) -> float:
-    """FLOP/s of a plain fp32 ``torch.mm`` of ADMM's shape on this machine now: (1536 x 576) @ (576 x 576)."""
-    import torch
-
-    a, b = torch.randn(1536, 576), torch.randn(576, 576)
-    torch.mm(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        count += 1
-    return count * 2 * 1536 * 576 * 576 / (time.perf_counter() - start)
-
-
-def admm_flops(model, iterations: int) -> float:
-    """The solve's floating-point work over the decoder blocks' linears: (iterations + 2) products
-    (out x in)(in x in) (B = V0 H, A^-1 B, one per iteration), the Cholesky factorisation (in^3 / 3) and its solve
-    against the identity (2 in^3)."""
-    import torch
-
-    total = 0.0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            out, inp = module.weight.shape
-            total += (iterations + 2) * 2 * out * inp * inp + (1 / 3 + 2) * inp**3
-    return total
 
 
 def worker(spec_path: Path) -> None:
@@ -202,29 +160,7 @@ def ensure_venv(version: str) -> Path:
 
 
 def prepare(args, work: Path) -> str:
-    import torch
-
-    from optimum_admm import zoo
-    from optimum_admm.corpus import DOMAINS, load_corpus
-
-    model_path = str(zoo.materialize(args.model))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    work.mkdir(parents=True, exist_ok=True)
-    train = tokenizer("\n\n".join(load_corpus("train")["text"]), return_tensors="pt")["input_ids"][0]
-    for seed in range(args.seeds):
-        generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, len(train) - args.sequence_length, (args.num_samples,), generator=generator)
-        windows = torch.stack([train[s : s + args.sequence_length] for s in starts.tolist()])
-        torch.save(windows, work / f"calibration-seed{seed}.pt")
-    ids = {
-        d: tokenizer("\n\n".join(load_corpus("test", domains=[d])["text"]))["input_ids"][: args.eval_tokens]
-        for d in DOMAINS
-    }
-    bos = tokenizer.bos_token_id if "gemma" in args.model else None  # Gemma needs <bos> on every window
-    (work / "eval.json").write_text(json.dumps({"ids": ids, "bos": bos}))
-    return model_path
+    return _common.prepare(args.model, work, args.seeds, args.num_samples, args.sequence_length, args.eval_tokens)
 
 
 def run(python: Path, spec: dict, work: Path) -> dict:
@@ -239,7 +175,8 @@ def run(python: Path, spec: dict, work: Path) -> dict:
     stdout, stderr = process.communicate()
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if process.returncode != 0 or not lines:
-        return {**spec, "error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {process.returncode}"}
+        messages = [line for line in stderr.strip().splitlines() if not line.startswith("PEAK_RSS_KIB ")]
+        return {**spec, "error": messages[-1] if messages else f"exit {process.returncode}"}
     return {**spec, **json.loads(lines[-1][len("RESULT ") :]), "peak_rss_gib": peak_rss_of(stderr)}
 
 
@@ -359,8 +296,8 @@ def table(out: dict) -> str:
         "",
         "| pattern | method | library | mean ppl | "
         + " | ".join(domains)
-        + " | wall s | solve s | forward s | peak RSS GiB | head zeros |",
-        "|---|---|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|---:|",
+        + " | wall s | solve s | forward s | peak RSS GiB | head zeros | solve GFLOP/s (GEMM GFLOP/s, share) |",
+        "|---|---|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|---:|---:|",
     ]
     for (pattern, method, side), rows in sorted(groups.items()):
         means = [r["perplexity"]["mean"] for r in rows]
@@ -380,7 +317,11 @@ def table(out: dict) -> str:
     if errors:
         lines += [
             "",
-            "Failed runs: " + "; ".join(f"{r['side']} {r['method']} {r['pattern']}: {r['error']}" for r in errors),
+            "Failed runs: "
+            + "; ".join(
+                f"{r['side']} {r['method']} {r['pattern']}{' OWL' if r.get('owl') else ''} seed {r['seed']}: {r['error']}"
+                for r in errors
+            ),
         ]
     return "\n".join(lines) + "\n"
 

@@ -467,6 +467,31 @@ class ADMMConfig(PruningConfig):
         self.dampening = float(self.dampening)
         _check_type("per_output", self.per_output, bool, "True or False")
 
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> ADMMConfig:
+        """An ADMM config from a measured time-quality preset (:data:`ADMM_PRESETS`), with ``overrides`` on top.
+
+        ``"paper"`` is the default (20 iterations, mask chosen over the first 15); ``"fast"`` (4/3) and
+        ``"balanced"`` (10/8) trade quality for time. On SmolLM2-135M at 60% on 2 CPU cores, ``"fast"`` took about
+        SparseGPT's wall time with a lower perplexity (``benchmarks/results/frontier-smollm2-135m.md``).
+
+        Example:
+            >>> config = ADMMConfig.from_preset("fast", sparsity=0.6)
+            >>> config.iterations, config.mask_iterations, config.sparsity
+            (4, 3, 0.6)
+        """
+        if preset not in ADMM_PRESETS:
+            raise InvalidArgumentError(f"preset={preset!r} is unknown; allowed: {', '.join(map(repr, ADMM_PRESETS))}")
+        return cls(**{**ADMM_PRESETS[preset], **overrides})
+
+
+#: ADMM's time-quality presets (iterations / mask iterations), from ``benchmarks/frontier.py``.
+ADMM_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"iterations": 20, "mask_iterations": 15},
+    "balanced": {"iterations": 10, "mask_iterations": 8},
+    "fast": {"iterations": 4, "mask_iterations": 3},
+}
+
 
 @dataclass
 class SparseGPTConfig(PruningConfig):

@@ -94,3 +94,16 @@ def test_unknown_keys_from_a_newer_version_warn_and_are_ignored():
 def test_unknown_method_on_load():
     with pytest.raises(ValueError, match="method='nope'"):
         PruningConfig.from_dict({"method": "nope"})
+
+
+def test_admm_presets():
+    from optimum_admm.configuration import ADMM_PRESETS
+
+    assert ADMM_PRESETS["paper"] == {
+        "iterations": ADMMConfig().iterations,
+        "mask_iterations": ADMMConfig().mask_iterations,
+    }
+    fast = ADMMConfig.from_preset("fast", sparsity=0.6, mask_iterations=2)
+    assert (fast.iterations, fast.mask_iterations, fast.sparsity) == (4, 2, 0.6)
+    with pytest.raises(ValueError, match=r"preset='quick' is unknown; allowed: 'paper', 'balanced', 'fast'"):
+        ADMMConfig.from_preset("quick")

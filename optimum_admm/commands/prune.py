@@ -48,6 +48,13 @@ class PruneCommand(GuardedCommand):
             help="admm (default, or the --recipe's), sparsegpt, wanda, magnitude, or any method registered in "
             "optimum_admm.registry.",
         )
+        parser.add_argument(
+            "--preset",
+            default=None,
+            choices=["paper", "balanced", "fast"],
+            help="ADMM's iterations / mask iterations: paper 20/15 (default), balanced 10/8, fast 4/3 (see "
+            "benchmarks/results/frontier-smollm2-135m.md).",
+        )
         parser.add_argument("--sparsity", type=_sparsity, default=None, help="Fraction of zeros, in [0, 1).")
         parser.add_argument(
             "--pattern", type=_pattern, default=None, help="'unstructured' (default) or 'N:M' such as '2:4'."
@@ -197,7 +204,14 @@ class PruneCommand(GuardedCommand):
             "seed": args.seed,
             "calibrate_all_experts": True if args.calibrate_all_experts else None,
         }
-        values = {**base, **{k: v for k, v in flags.items() if v is not None}}
+        preset = {}
+        if args.preset is not None:
+            from ..configuration import ADMM_PRESETS
+
+            if method != "admm":
+                raise InvalidArgumentError(f"--preset {args.preset} is for --method admm; --method is {method!r}")
+            preset = ADMM_PRESETS[args.preset]
+        values = {**base, **preset, **{k: v for k, v in flags.items() if v is not None}}
         if args.pattern is not None and args.sparsity is None:
             values.pop("sparsity", None)  # let the N:M pattern imply it
         values["method"] = method
