@@ -17,14 +17,17 @@ import contextlib
 import datetime as dt
 import importlib.metadata as metadata
 import json
-import math
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import plain_perplexity  # noqa: E402
 
 from optimum_admm import ADMMConfig, ADMMPruner, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from optimum_admm.evaluation import perplexity, tokenize_dataset
@@ -116,24 +119,6 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def plain_perplexity(model, token_ids: list[int], length: int, bos: int | None) -> float:
-    """An independent check: non-overlapping windows, a plain transformers forward, exp(mean token NLL)."""
-    nll, count = 0.0, 0
-    content = length - (1 if bos is not None else 0)
-    device = next(model.parameters()).device
-    for start in range(0, len(token_ids), content):
-        window = token_ids[start : start + content]
-        ids = ([bos] if bos is not None else []) + window
-        if len(ids) < 2:
-            continue
-        input_ids = torch.tensor([ids], device=device)
-        with torch.no_grad():
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-        nll += float(loss) * (len(ids) - 1)
-        count += len(ids) - 1
-    return math.exp(nll / count)
 
 
 def evaluate(model, tokenizer, eval_sets: dict, args) -> dict[str, float]:

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from .algorithms import (
-    admm_prune,
     admm_prune_group,
     magnitude_mask,
     magnitude_prune,
-    sparsegpt_prune,
     sparsegpt_prune_group,
     wanda_mask,
     wanda_prune,
@@ -190,21 +188,6 @@ def config_class_for(method: str | None) -> type[PruningConfig]:
     return classes[method]
 
 
-def _admm(weight: torch.Tensor, gram: torch.Tensor | None, config: ADMMConfig) -> torch.Tensor:
-    return admm_prune(
-        weight,
-        gram,
-        sparsity=config.sparsity,
-        nm=config.nm,
-        schedule=config.schedule,
-        iterations=config.iterations,
-        mask_iterations=config.mask_iterations,
-        rho=config.rho,
-        dampening=config.dampening,
-        per_output=config.per_output,
-    )
-
-
 def _admm_group(
     weights: list[torch.Tensor], gram: torch.Tensor | None, configs: list[ADMMConfig]
 ) -> list[torch.Tensor]:
@@ -223,12 +206,6 @@ def _admm_group(
     )
 
 
-def _sparsegpt(weight: torch.Tensor, gram: torch.Tensor | None, config: SparseGPTConfig) -> torch.Tensor:
-    return sparsegpt_prune(
-        weight, gram, config.sparsity, nm=config.nm, block_size=config.block_size, dampening=config.dampening
-    )
-
-
 def _sparsegpt_group(
     weights: list[torch.Tensor], gram: torch.Tensor | None, configs: list[SparseGPTConfig]
 ) -> list[torch.Tensor]:
@@ -236,6 +213,14 @@ def _sparsegpt_group(
     return sparsegpt_prune_group(
         weights, gram, [config.sparsity for config in configs], nm=c.nm, block_size=c.block_size, dampening=c.dampening
     )
+
+
+def _admm(weight: torch.Tensor, gram: torch.Tensor | None, config: ADMMConfig) -> torch.Tensor:
+    return _admm_group([weight], gram, [config])[0]
+
+
+def _sparsegpt(weight: torch.Tensor, gram: torch.Tensor | None, config: SparseGPTConfig) -> torch.Tensor:
+    return _sparsegpt_group([weight], gram, [config])[0]
 
 
 def _wanda(weight: torch.Tensor, gram: torch.Tensor | None, config: WandaConfig) -> torch.Tensor:

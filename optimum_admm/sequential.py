@@ -439,9 +439,13 @@ def _prune_layer(
         del pruned
     if dense.is_cuda:
         torch.cuda.synchronize(dense.device)
-    seconds = time.perf_counter() - start
-    sparsity = 1.0 - float(torch.count_nonzero(get_weight_matrix(module))) / dense.numel()
-    row = LayerReport(name, tuple(dense.shape), sparsity, error, seconds)
+    return _layer_row(name, module, dense.shape, error, time.perf_counter() - start, accumulator)
+
+
+def _layer_row(name, module, shape, error, seconds, accumulator: StatisticAccumulator | None) -> LayerReport:
+    """The report row of a layer just pruned: its achieved sparsity read back from the module."""
+    sparsity = 1.0 - float(torch.count_nonzero(get_weight_matrix(module))) / (shape[0] * shape[1])
+    row = LayerReport(name, tuple(shape), sparsity, error, seconds)
     if accumulator is not None:
         row.num_tokens = accumulator.num_tokens
     return row
@@ -507,13 +511,10 @@ def _solve_group(run: _Run, names: list[str], accumulator: StatisticAccumulator)
             torch.cuda.synchronize(dense[0].device)
         seconds = time.perf_counter() - start
         rows = sum(d.shape[0] for d in dense)
-        reports = []
-        for name, module, d, error in zip(names, modules, dense, errors, strict=True):
-            sparsity = 1.0 - float(torch.count_nonzero(get_weight_matrix(module))) / d.numel()
-            row = LayerReport(name, tuple(d.shape), sparsity, error, seconds * d.shape[0] / rows)
-            row.num_tokens = accumulator.num_tokens
-            reports.append(row)
-    return reports
+        return [
+            _layer_row(name, module, d.shape, error, seconds * d.shape[0] / rows, accumulator)
+            for name, module, d, error in zip(names, modules, dense, errors, strict=True)
+        ]
 
 
 def _record(run: _Run, row: LayerReport) -> None:

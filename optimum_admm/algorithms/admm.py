@@ -28,6 +28,7 @@ import torch
 
 from ..masks import scheduled_sparsity, select_mask
 from ._precision import full_fp32
+from ._stacking import stack_layers
 
 __all__ = ["admm_prune", "admm_prune_group"]
 
@@ -123,12 +124,7 @@ def admm_prune_group(
         >>> int((pq == 0).sum()), int((pk == 0).sum())
         (64, 48)
     """
-    if len(weights) != len(sparsities):
-        raise ValueError(f"{len(weights)} weights but {len(sparsities)} sparsities")
-    results: list[torch.Tensor | None] = [
-        w.detach().clone() if s <= 0 else None for w, s in zip(weights, sparsities, strict=True)
-    ]
-    todo = [i for i, r in enumerate(results) if r is None]
+    results, todo, segments = stack_layers(weights, sparsities)
     if not todo:
         return results  # type: ignore[return-value]
     with torch.no_grad(), full_fp32():
@@ -147,10 +143,6 @@ def admm_prune_group(
         # A^-1 B = A^-1 H V0 = A^-1 (A - rho I) V0 = V0 - rho A^-1 V0: one product, no copy of H kept.
         v0 = torch.cat([weights[i].detach().to(device=device, dtype=torch.float32) for i in todo]) * d
         a_inv_b = torch.addmm(v0, v0, a_inv, alpha=-rho)
-        bounds = [0]
-        for i in todo:
-            bounds.append(bounds[-1] + weights[i].shape[0])
-        segments = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
         v = v0
         u = torch.zeros_like(v)

@@ -19,6 +19,7 @@ import torch
 
 from ..masks import nm_mask, unstructured_mask
 from ._precision import full_fp32
+from ._stacking import stack_layers
 from .admm import _cholesky_inverse
 
 __all__ = ["sparsegpt_prune", "sparsegpt_prune_group"]
@@ -72,12 +73,7 @@ def sparsegpt_prune_group(
         >>> int((a == 0).sum()), int((b == 0).sum())
         (32, 8)
     """
-    if len(weights) != len(sparsities):
-        raise ValueError(f"{len(weights)} weights but {len(sparsities)} sparsities")
-    results: list[torch.Tensor | None] = [
-        w.detach().clone() if s <= 0 else None for w, s in zip(weights, sparsities, strict=True)
-    ]
-    todo = [i for i, r in enumerate(results) if r is None]
+    results, todo, segments = stack_layers(weights, sparsities)
     if not todo:
         return results  # type: ignore[return-value]
     with torch.no_grad(), full_fp32():
@@ -92,10 +88,6 @@ def sparsegpt_prune_group(
         h_inv = _cholesky_inverse(h)
         u = torch.linalg.cholesky(h_inv, upper=True)
         del h, h_inv
-        bounds = [0]
-        for i in todo:
-            bounds.append(bounds[-1] + weights[i].shape[0])
-        segments = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
         for start in range(0, columns, block_size):
             end = min(start + block_size, columns)
@@ -108,9 +100,8 @@ def sparsegpt_prune_group(
                 for i, rows in zip(todo, segments, strict=True):
                     prune[rows] = ~unstructured_mask(w_block[rows].square() / u_diag.square(), float(sparsities[i]))
             for i in range(end - start):
-                if (
-                    nm is not None and i % nm[1] == 0
-                ):  # filled one group of M columns at a time, as the sweep reaches it
+                # N:M: filled one group of M columns at a time, as the sweep reaches it
+                if nm is not None and i % nm[1] == 0:
                     group = slice(i, i + nm[1])
                     prune[:, group] = ~nm_mask(w_block[:, group].square() / u_diag[group].square(), nm[0], nm[1])
                 column = w_block[:, i]
