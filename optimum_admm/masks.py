@@ -71,6 +71,37 @@ def row_chunks(matrix: torch.Tensor) -> list[slice]:
     return [slice(start, min(start + rows, matrix.shape[0])) for start in range(0, matrix.shape[0], rows)]
 
 
+_SAMPLE = 1 << 14  # sample size that brackets a layer-wide k-th smallest score
+
+
+def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value of a 1-D tensor (0-d tensor), equal to ``flat.kthvalue(k).values``, 2-3x faster
+    on large tensors: a fixed random sample brackets the value, one pass counts what lies below the bracket, and
+    only the ~3% inside it are selected from. When the bracket misses (skewed data, NaN) the full selection runs."""
+    n = flat.numel()
+    if n <= 8 * _SAMPLE:
+        return flat.kthvalue(k).values
+    generator = torch.Generator().manual_seed(n)  # fixed: the same sample every call (the result is exact anyway)
+    sample = flat[torch.randint(n, (_SAMPLE,), generator=generator).to(flat.device)].sort().values
+    position = (k - 0.5) / n * _SAMPLE
+    width = 4.0 * math.sqrt(max(position * (1.0 - position / _SAMPLE), 1.0)) + 8.0  # ~4 standard deviations
+    low_index, high_index = int(position - width), int(math.ceil(position + width))
+    if low_index <= 0 and high_index >= _SAMPLE:
+        return flat.kthvalue(k).values
+    below, inside = 0, None
+    if low_index > 0:
+        low = flat < sample[low_index]
+        below = int(torch.count_nonzero(low))
+        inside = low.logical_not_()
+    if high_index < _SAMPLE:
+        not_high = flat <= sample[high_index]
+        inside = not_high if inside is None else inside.logical_and_(not_high)
+    candidates = flat[inside]
+    if below < k <= below + candidates.numel():
+        return candidates.kthvalue(k - below).values
+    return flat.kthvalue(k).values
+
+
 def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tensor:
     """Keep-mask pruning the ``k`` smallest scores (over everything, or along ``dim``), ties by lower index."""
     if k <= 0:
@@ -79,13 +110,13 @@ def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tens
         flat = scores.reshape(-1)
         if k >= flat.numel():
             return torch.zeros_like(scores, dtype=torch.bool)
-        threshold = flat.kthvalue(k).values  # 0-d: broadcasting a 0-d tensor is much cheaper than a (1,) one
-        pruned = flat <= threshold
-        if int(torch.count_nonzero(pruned)) > k:  # ties at the threshold: prune the lower indices first
+        threshold = _kth_smallest(flat, k)  # 0-d: broadcasting a 0-d tensor is much cheaper than a (1,) one
+        keep = flat > threshold
+        if flat.numel() - int(torch.count_nonzero(keep)) > k:  # ties at the threshold: prune the lower indices first
             ties = flat == threshold
             still_needed = k - int(torch.count_nonzero(flat < threshold))
-            pruned = (flat < threshold) | (ties & (ties.cumsum(0, dtype=torch.int32) <= still_needed))
-        return (~pruned).reshape(scores.shape)
+            keep = ~((flat < threshold) | (ties & (ties.cumsum(0, dtype=torch.int32) <= still_needed)))
+        return keep.reshape(scores.shape)
     if k >= scores.shape[dim]:
         return torch.zeros_like(scores, dtype=torch.bool)
     if scores.dim() == 2 and dim in (1, -1) and scores.numel() > _CHUNK:
@@ -125,6 +156,9 @@ def _groups(scores: torch.Tensor, m: int) -> torch.Tensor:
     return scores.reshape(out_features, in_features // m, m)
 
 
+_RANK_MAX_M = 8  # up to this group size the N:M selection compares ranks (m^2 passes over 1/m of the data)
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` largest scores in every group of ``m`` consecutive inputs of each row.
 
@@ -132,13 +166,30 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         >>> nm_mask(torch.tensor([[1.0, 4.0, 3.0, 2.0, 5.0, 5.0, 0.0, 5.0]]), 2, 4).int().tolist()
         [[0, 1, 1, 0, 0, 1, 0, 1]]
     """
-    if scores.numel() > _CHUNK and scores.shape[0] > 1:  # rows are independent: bound argsort's int64 indices
-        return torch.cat([nm_mask(scores[rows], n, m) for rows in row_chunks(scores)])
+    if scores.numel() > 4 * _CHUNK and scores.shape[0] > 1:  # rows are independent: bound the workspace
+        rows = max(1, 4 * _CHUNK // scores.shape[1])
+        return torch.cat([nm_mask(scores[i : i + rows], n, m) for i in range(0, scores.shape[0], rows)])
     groups = _groups(scores, m)
-    order = torch.argsort(groups, dim=-1, stable=True)
-    keep = torch.ones_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, order[..., : m - n], False)
-    return keep.reshape(scores.shape)
+    if m > _RANK_MAX_M:
+        order = torch.argsort(groups, dim=-1, stable=True)
+        keep = torch.ones_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, order[..., : m - n], False)
+        return keep.reshape(scores.shape)
+    # An element's place in the stable ascending order of its group is the number of elements before it: smaller,
+    # or equal with a lower index. The m - n first are pruned. Each group position is one contiguous plane, so every
+    # comparison is a long vectorised pass (an argsort over groups of 4 is ~5x slower).
+    planes = groups.permute(2, 0, 1).contiguous()
+    keep = torch.empty(planes.shape, dtype=torch.bool, device=scores.device)
+    place = torch.empty(planes.shape[1:], dtype=torch.uint8, device=scores.device)
+    before = torch.empty(planes.shape[1:], dtype=torch.bool, device=scores.device)
+    for i in range(m):
+        place.zero_()
+        for j in range(m):
+            if j != i:
+                (torch.le if j < i else torch.lt)(planes[j], planes[i], out=before)
+                place.add_(before.view(torch.uint8))  # a view, not a conversion
+        torch.ge(place, m - n, out=keep[i])
+    return keep.permute(1, 2, 0).reshape(scores.shape)
 
 
 def gradual_nm_mask(scores: torch.Tensor, n: int, m: int, sparsity: float) -> torch.Tensor:
@@ -155,7 +206,7 @@ def gradual_nm_mask(scores: torch.Tensor, n: int, m: int, sparsity: float) -> to
     k = min(num_pruned(scores.numel(), sparsity), unprotected)
     if k == unprotected:  # the full N:M target (the usual case): the per-group selection is the mask
         return protected
-    candidates = scores.masked_fill(protected, float("inf"))
+    candidates = torch.where(protected, float("inf"), scores)
     return _prune_smallest(candidates, k, dim=None)
 
 

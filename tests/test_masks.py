@@ -84,3 +84,47 @@ def test_num_pruned_is_robust_to_round_off():
 def test_is_valid_nm():
     assert is_valid_nm(torch.tensor([[1.0, 0.0, 2.0, 0.0]]), 2, 4)
     assert not is_valid_nm(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 2, 4)
+
+
+def _argsort_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The plain stable-argsort N:M selection, written out as the reference for the rank-comparison one."""
+    groups = scores.reshape(scores.shape[0], -1, m)
+    order = torch.argsort(groups, dim=-1, stable=True)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, order[..., : m - n], False)
+    return keep.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (8, 16)])
+@pytest.mark.parametrize("quantised", [False, True])
+def test_nm_mask_equals_a_stable_argsort(n, m, quantised):
+    generator = torch.Generator().manual_seed(n * 100 + m)
+    scores = torch.randn(700, 64, generator=generator).abs()  # 700 x 64 > 4 chunks of rows: the chunked path too
+    if quantised:
+        scores = (scores * 2).round()  # many exact ties inside groups
+    assert torch.equal(nm_mask(scores, n, m), _argsort_nm(scores, n, m))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "skewed", "infinite"])
+@pytest.mark.parametrize("fraction", [0.001, 0.3, 0.6, 0.97])
+def test_layer_selection_equals_kthvalue_on_large_layers(kind, fraction):
+    """The sampled bracket in the layer-wide selection gives the exact k-th value, including when it misses."""
+    generator = torch.Generator().manual_seed(7)
+    scores = torch.randn(512, 1024, generator=generator).abs()
+    if kind == "ties":
+        scores = (scores * 4).round()
+    elif kind == "skewed":  # 90% zeros: the bracket collapses onto one value
+        scores[torch.rand(scores.shape, generator=generator) < 0.9] = 0.0
+    elif kind == "infinite":  # what gradual N:M hands over: protected entries at +inf
+        scores[:, ::2] = float("inf")
+        fraction = fraction / 2
+    k = num_pruned(scores.numel(), fraction)
+    keep = unstructured_mask(scores, fraction)
+    assert int((~keep).sum()) == k
+    threshold = scores.reshape(-1).kthvalue(k).values
+    assert bool((scores[~keep] <= threshold).all()) and bool((scores[keep] >= threshold).all())
+    at_threshold = (scores.reshape(-1) == threshold).nonzero().squeeze(1)
+    pruned_ties = at_threshold[~keep.reshape(-1)[at_threshold]]
+    kept_ties = at_threshold[keep.reshape(-1)[at_threshold]]
+    if len(pruned_ties) and len(kept_ties):  # ties at the threshold: the lower indices are pruned first
+        assert int(pruned_ties.max()) < int(kept_ties.min())

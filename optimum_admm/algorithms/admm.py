@@ -49,8 +49,8 @@ def _cholesky_inverse(matrix: torch.Tensor, max_tries: int = 4) -> torch.Tensor:
                     "Raise `dampening` if this happens often.",
                     stacklevel=3,
                 )
-            # cholesky_solve against I: the same result as cholesky_inverse, ~40x faster on CPU LAPACK builds
-            return torch.cholesky_solve(eye, factor)
+            # potri: 2-3x faster than cholesky_solve against I on torch 2.13's CPU LAPACK (1 or 2 threads)
+            return torch.cholesky_inverse(factor)
         jitter = scale * 10.0 ** (attempt - 3)
     raise torch.linalg.LinAlgError(
         "ADMM: the damped Gram matrix is not positive definite even with jitter (NaN or inf in the calibration "
@@ -144,18 +144,23 @@ def admm_prune_group(
         v0 = torch.cat([weights[i].detach().to(device=device, dtype=torch.float32) for i in todo]) * d
         a_inv_b = torch.addmm(v0, v0, a_inv, alpha=-rho)
 
-        v = v0
-        u = torch.zeros_like(v)
+        # Every buffer is allocated once: fresh layer-sized temporaries each iteration cost page faults that, on CPU,
+        # took as long as the product itself. Per iteration: three element-wise passes, the mask, one addmm.
+        v, u = v0, torch.zeros_like(v0)  # V starts at V0 and is overwritten in place (V0 is not needed again)
+        vu, scores, rhs = torch.empty_like(v0), torch.empty_like(v0), torch.empty_like(v0)
         keep = torch.empty(v.shape, dtype=torch.bool, device=device)
+        drop = torch.empty_like(keep)
         for t in range(iterations):
-            vu = v + u
+            torch.add(v, u, out=vu)
             if t < mask_iterations:
+                torch.abs(vu, out=scores)
                 for i, rows in zip(todo, segments, strict=True):
                     s_t = scheduled_sparsity(float(sparsities[i]), t, mask_iterations, schedule)
-                    keep[rows] = select_mask(vu[rows].abs(), s_t, nm=nm, per_output=per_output)
-            z = vu * keep
-            u = vu - z  # U + V - Z
-            v = torch.addmm(a_inv_b, z - u, a_inv, alpha=rho)  # (A^-1 (B + rho (Z - U)))^T
+                    keep[rows] = select_mask(scores[rows], s_t, nm=nm, per_output=per_output)
+                torch.logical_not(keep, out=drop)
+            torch.mul(vu, drop, out=u)  # U + V - Z, with Z = (V + U) * M
+            torch.add(vu, u, alpha=-2.0, out=rhs)  # Z - U, exactly
+            torch.addmm(a_inv_b, rhs, a_inv, alpha=rho, out=v)  # V^T = (A^-1 (B + rho (Z - U)))^T
         pruned = (v + u) * keep / d
         pruned[:, dead] = 0.0
         if not torch.isfinite(pruned).all():
