@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also llm-compressor with targets=['Linear'] (one seed), the setting that prunes lm_head",
     )
+    parser.add_argument(
+        "--tag", default="", help="suffix of the results files (peers-<model><tag>.*), so a run keeps the others"
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a JSON file describing one run
     return parser.parse_args(argv)
 
@@ -217,7 +220,7 @@ def main(argv=None) -> None:
                                       "model_path": model_path, "work": str(work), "threads": args.threads,
                                       "eval_length": args.eval_length, **variant})  # fmt: skip
     rows = []
-    partial = HERE / "results" / f"peers-{args.model}.partial.json"
+    partial = HERE / "results" / f"peers-{args.model}{args.tag}.partial.json"
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for row in pool.map(lambda spec: run(sides[spec["side"]], spec, work), specs):
             rows.append(row)
@@ -237,10 +240,10 @@ def main(argv=None) -> None:
     settings = {k: getattr(args, k) for k in ("model", "seeds", "num_samples", "sequence_length", "eval_tokens",
                                               "eval_length", "threads", "jobs")}  # fmt: skip
     out = {"environment": environment, "settings": settings, "rows": rows}
-    (HERE / "results" / f"peers-{args.model}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (HERE / "results" / f"peers-{args.model}.md").write_text(table(out))
+    (HERE / "results" / f"peers-{args.model}{args.tag}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (HERE / "results" / f"peers-{args.model}{args.tag}.md").write_text(table(out))
     partial.unlink(missing_ok=True)
-    plot_owl(out, HERE / "results" / f"peers-{args.model}-owl.png")
+    plot_owl(out, HERE / "results" / f"peers-{args.model}{args.tag}-owl.png")
     print(table(out))
 
 

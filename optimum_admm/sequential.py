@@ -363,48 +363,97 @@ def _share_groups(
         else:
             groups.append([name])
             group_inputs.append(tensor)
-    uncalled: dict[Any, list[str]] = {}  # never called on the probe batch
+    return groups + _uncalled_groups(layers, assigned)
+
+
+def _uncalled_groups(layers: dict[str, nn.Module], called: set[str]) -> list[list[str]]:
+    """The layers the first batch never called: an expert's gate and up matrices together, every other one alone."""
+    uncalled: dict[Any, list[str]] = {}
     for name, module in layers.items():
-        if name not in assigned:
+        if name not in called:
             key = (
                 (id(module.owner), module.expert, module.role == "down_proj")
                 if isinstance(module, ExpertMatrix)
                 else name
             )
             uncalled.setdefault(key, []).append(name)
-    return groups + list(uncalled.values())
+    return list(uncalled.values())
 
 
 def _accumulate(
-    run: _Run, block, layers, groups, inputs, index, device, all_tokens: bool | list[str] = False
-) -> dict[str, StatisticAccumulator]:
+    run: _Run,
+    block,
+    layers,
+    groups: list[list[str]] | None,
+    inputs,
+    index,
+    device,
+    all_tokens: bool | list[str] = False,
+    first_only: bool = False,
+) -> tuple[list[list[str]], dict[str, StatisticAccumulator]]:
     """Run the block on every batch; one accumulator of the method's statistic per group, filled by a hook on the
-    group's first layer. Experts see the tokens routed to them (every token with ``all_tokens``)."""
-    accumulators: dict[str, StatisticAccumulator] = {}
-    handles = []
+    group's first layer. Experts see the tokens routed to them (every token with ``all_tokens``).
+
+    With ``groups=None`` the groups are found in the same pass, on the first batch: the layers that read the same
+    tensor share a group, in execution order (as :func:`_share_groups` finds them, without a forward of its own);
+    ``first_only`` keeps statistics for the first group alone (a true-sequential block's first stage). Returns the
+    groups and each layer's accumulator."""
+    names = {module: name for name, module in layers.items()}
+    finding = groups is None
+    groups = [] if groups is None else groups
+    leaders: dict[str, StatisticAccumulator] = {}
+
+    def start(group: list[str]) -> None:
+        if not (first_only and len(leaders)):
+            leaders[group[0]] = run.spec.statistic(get_weight_matrix(layers[group[0]]).shape[1], device)
+
     for group in groups:
-        leader = layers[group[0]]
-        accumulator = run.spec.statistic(get_weight_matrix(leader).shape[1], device)
-        for name in group:
-            accumulators[name] = accumulator
+        start(group)
+    called: set[str] = set()
+    group_inputs: list[torch.Tensor] = []  # while finding: each group's input on the first batch
 
-        def hook(module: nn.Module, args: tuple, acc: StatisticAccumulator = accumulator) -> None:
+    def hook(module: nn.Module, args: tuple) -> None:
+        name = names[module]
+        if finding and name not in called:
+            called.add(name)
+            for group, group_input in zip(groups, group_inputs, strict=True):
+                if group_input is args[0]:
+                    group.append(name)
+                    return
+            groups.append([name])
+            group_inputs.append(args[0])
+            start(groups[-1])
+        accumulator = leaders.get(name)
+        if accumulator is not None:
             with run.timer.phase("statistics"):
-                acc.add(args[0])
+                accumulator.add(args[0])
 
-        handles.append(leader.register_forward_pre_hook(hook))
+    def found() -> None:  # after the first batch (or none): the layers it never called join groups of their own
+        nonlocal finding
+        finding = False
+        group_inputs.clear()
+        for group in _uncalled_groups(layers, called):
+            groups.append(group)
+            start(group)
+
+    hooked = layers.values() if finding else [layers[group[0]] for group in groups]
+    handles = [module.register_forward_pre_hook(hook) for module in hooked]
     try:
         with run.timer.phase("forward"), routed_calibration(run.experts[index], all_tokens):
             for _ in _run_block(block, inputs, index, device, device):
-                pass
+                if finding:
+                    found()
     finally:
         for handle in handles:
             handle.remove()
+    if finding:
+        found()
+    accumulators = {name: leaders[group[0]] for group in groups if group[0] in leaders for name in group}
     if run.dist.enabled:
         with run.timer.phase("communication"):
-            for accumulator in dict.fromkeys(accumulators.values()):  # each distinct one once, in group order
+            for accumulator in leaders.values():  # each distinct one once, in group order
                 _all_reduce_statistic(run.dist, accumulator)
-    return accumulators
+    return groups, accumulators
 
 
 def _all_reduce_statistic(dist: Distributed, accumulator: StatisticAccumulator) -> None:
@@ -582,19 +631,27 @@ def _prune_block(run: _Run, index: int, inputs: _BlockInputs | None) -> None:
             _record(run, _solve(run, name, None))
         return
     device = execution_device(block)
-    with run.timer.phase("forward"):
-        groups = _share_groups(block, layers, inputs, index, device, run.experts[index])
-    release_freed_host_memory()  # the probe forward's temporaries, before the statistics are allocated
-    stages = groups if run.config.true_sequential else [[n for g in groups for n in g]]
     every = run.config.calibrate_all_experts
-    for stage in stages:
+    sequential = run.config.true_sequential
+    if every and run.experts[index]:  # groups follow the routed tokens, statistics take every token: two passes
+        with run.timer.phase("forward"):
+            groups = _share_groups(block, layers, inputs, index, device, run.experts[index])
+        release_freed_host_memory()  # the probe forward's temporaries, before the statistics are allocated
+        first = None
+    else:  # the groups are found in the first statistics pass
+        groups, first = _accumulate(run, block, layers, None, inputs, index, device, every, first_only=sequential)
+    stages = groups if sequential else [[n for g in groups for n in g]]
+    for number, stage in enumerate(stages):
         stage_groups = [g for g in groups if g[0] in stage]
-        accumulators = _accumulate(run, block, layers, stage_groups, inputs, index, device, every)
+        if number == 0 and first is not None:
+            accumulators = first
+        else:
+            accumulators = _accumulate(run, block, layers, stage_groups, inputs, index, device, every)[1]
         release_freed_host_memory()  # the forwards' temporaries, before the solves allocate theirs
         unrouted = [n for n in stage if isinstance(layers[n], ExpertMatrix) and accumulators[n].num_tokens == 0]
         if unrouted:  # the documented policy: an expert no token reaches is calibrated on every token
             again = [g for g in stage_groups if g[0] in unrouted]
-            accumulators.update(_accumulate(run, block, layers, again, inputs, index, device, unrouted))
+            accumulators.update(_accumulate(run, block, layers, again, inputs, index, device, unrouted)[1])
             for name in unrouted:
                 run.report.expert_fallbacks[name] = (
                     f"no calibration token was routed to this expert; calibrated on all "

@@ -123,6 +123,8 @@ def test_bad_argument_is_an_argparse_error_in_a_real_process(tmp_path):
         (["--sparsity", "0.3", "--pattern", "2:4"], "sparsity=0.3 contradicts"),
         (["--max-shard-size", "huge"], "max_shard_size='huge'"),
         (["--push-to-hub", "not a repo"], "repo_id='not a repo'"),
+        (["--method", "wanda", "--preset", "fast"], "--preset fast is for --method admm; --method is 'wanda'"),
+        (["--preset", "fastest"], "argument --preset: invalid choice: 'fastest'"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(args, message, dense_dir, tmp_path, monkeypatch, capsys):
@@ -178,6 +180,22 @@ def test_recipe_rebuilds_the_saved_config_and_flags_override_it(tmp_path):
     assert command._config() == saved
     command.args = parser.parse_args(["--model", "m", "--output", "o", "--recipe", str(recipe), "--pattern", "2:4"])
     assert command._config() == ADMMConfig(mask_structure="2:4", rho=2.5, iterations=12, mask_iterations=6, seed=5)
+
+
+def test_preset_sets_the_iterations_and_flags_override_the_rest():
+    import argparse
+
+    from optimum_admm import ADMMConfig
+    from optimum_admm.commands import PruneCommand
+
+    parser = argparse.ArgumentParser()
+    PruneCommand.parse_args(parser)
+    command = PruneCommand.__new__(PruneCommand)
+    command.args = parser.parse_args(["--model", "m", "--output", "o", "--preset", "fast", "--pattern", "2:4"])
+    assert command._config() == ADMMConfig.from_preset("fast", mask_structure="2:4")
+    assert (command._config().iterations, command._config().mask_iterations) == (4, 3)
+    command.args = parser.parse_args(["--model", "m", "--output", "o", "--preset", "balanced", "--seed", "3"])
+    assert command._config() == ADMMConfig(iterations=10, mask_iterations=8, seed=3)
 
 
 HALF = {

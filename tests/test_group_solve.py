@@ -162,3 +162,43 @@ def test_a_run_resumes_with_another_calibration_batch_size(tokenizer, corpus_tex
     for (name, a), b in zip(resumed.named_parameters(), expected.parameters(), strict=True):
         assert torch.equal(a == 0, b == 0), name
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_groups_are_found_in_the_statistics_pass_without_a_forward_of_their_own(
+    family, true_sequential, tokenizer, corpus_text, monkeypatch
+):
+    """The grouping pass is the first statistics pass: the groups equal a separate probe forward's, and a block runs
+    its batches once per stage for statistics and once to feed the next block (the last block: statistics only)."""
+    from conftest import VOCAB_SIZE
+    from tiny_configs import build
+
+    passes, found = [], []
+    real_run, real_accumulate = sequential._run_block, sequential._accumulate
+
+    def run_spy(block, inputs, index, device, storage):
+        passes.append(index)
+        return real_run(block, inputs, index, device, storage)
+
+    def accumulate_spy(run, block, layers, groups, inputs, index, device, *args, **kwargs):
+        if groups is None:
+            probe = sequential._share_groups(block, layers, inputs, index, device, run.experts[index])
+            passes.pop()  # the probe's own pass is the test's, not the driver's
+            result = real_accumulate(run, block, layers, groups, inputs, index, device, *args, **kwargs)
+            found.append((probe, result[0]))
+            return result
+        return real_accumulate(run, block, layers, groups, inputs, index, device, *args, **kwargs)
+
+    monkeypatch.setattr(sequential, "_run_block", run_spy)
+    monkeypatch.setattr(sequential, "_accumulate", accumulate_spy)
+    model = build_tiny_model("llama") if family == "llama" else build(family, seed=0, vocab_size=VOCAB_SIZE)
+    config = ADMMConfig(num_samples=4, sequence_length=32, iterations=4, mask_iterations=3,
+                        true_sequential=true_sequential, calibration_batch_size=2)  # fmt: skip
+    ADMMPruner(model=model, tokenizer=tokenizer, config=config).prune([corpus_text], show_progress=False)
+    blocks = len(sequential.find_decoder_blocks(model)[1])
+    assert len(found) == blocks
+    for probe, groups in found:
+        assert groups == probe and any(len(group) > 1 for group in groups)
+    stages = [len(groups) if true_sequential else 1 for _, groups in found]
+    assert [passes.count(i) for i in range(blocks)] == [s + (i + 1 < blocks) for i, s in enumerate(stages)]
