@@ -66,7 +66,7 @@ def gemm_rate(rows: int = 1536, inner: int = 576, seconds: float = 1.0, device: 
 def admm_flops(model, iterations: int) -> float:
     """ADMM's floating-point work over the decoder blocks' linears: (iterations + 1) products (out x in)(in x in) per
     layer (A^-1 B, then one per iteration) and, per distinct input (q/k/v share one, gate/up one: they are solved
-    together), the Cholesky factorisation (in^3 / 3) and its solve against the identity (2 in^3)."""
+    together), the Cholesky factorisation (in^3 / 3) and the inverse from it (LAPACK potri: 2 in^3 / 3)."""
     import torch
 
     shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -77,7 +77,7 @@ def admm_flops(model, iterations: int) -> float:
             total += (iterations + 1) * 2 * out * inp * inp
             prefix, _, leaf = name.rpartition(".")
             inputs[(prefix.rpartition(".")[0], shared.get(leaf, leaf))] = inp
-    return total + sum((1 / 3 + 2) * inp**3 for inp in inputs.values())
+    return total + sum((1 / 3 + 2 / 3) * inp**3 for inp in inputs.values())
 
 
 def prepare(model: str, work: Path, seeds: int, num_samples: int, sequence_length: int, eval_tokens: int) -> str:
