@@ -472,8 +472,8 @@ class ADMMConfig(PruningConfig):
         """An ADMM config from a measured time-quality preset (:data:`ADMM_PRESETS`), with ``overrides`` on top.
 
         ``"paper"`` is the default (20 iterations, mask chosen over the first 15); ``"fast"`` (4/3) and
-        ``"balanced"`` (10/8) trade quality for time. On SmolLM2-135M at 60% on 2 CPU cores, ``"fast"`` took about
-        SparseGPT's wall time with a lower perplexity (``benchmarks/results/frontier-smollm2-135m.md``).
+        ``"balanced"`` (10/8) trade quality for time. On SmolLM2-135M on 2 CPU cores, ``"fast"`` beat SparseGPT in
+        both perplexity and wall time at 60% and at 2:4 (``benchmarks/results/frontier-smollm2-135m.md``).
 
         Example:
             >>> config = ADMMConfig.from_preset("fast", sparsity=0.6)
