@@ -74,20 +74,21 @@ def row_chunks(matrix: torch.Tensor) -> list[slice]:
 _SAMPLE = 1 << 14  # sample size that brackets a layer-wide k-th smallest score
 
 
-def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+def _kth_smallest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int | None]:
     """The ``k``-th smallest value of a 1-D tensor (0-d tensor), equal to ``flat.kthvalue(k).values``, 2-3x faster
     on large tensors: a fixed random sample brackets the value, one pass counts what lies below the bracket, and
-    only the ~3% inside it are selected from. When the bracket misses (skewed data, NaN) the full selection runs."""
+    only the ~3% inside it are selected from. When the bracket misses (skewed data, NaN) the full selection runs.
+    Also returns how many values are ``<=`` it when that came for free (``None`` otherwise)."""
     n = flat.numel()
     if n <= 8 * _SAMPLE:
-        return flat.kthvalue(k).values
+        return flat.kthvalue(k).values, None
     generator = torch.Generator().manual_seed(n)  # fixed: the same sample every call (the result is exact anyway)
     sample = flat[torch.randint(n, (_SAMPLE,), generator=generator).to(flat.device)].sort().values
     position = (k - 0.5) / n * _SAMPLE
     width = 4.0 * math.sqrt(max(position * (1.0 - position / _SAMPLE), 1.0)) + 8.0  # ~4 standard deviations
     low_index, high_index = int(position - width), int(math.ceil(position + width))
     if low_index <= 0 and high_index >= _SAMPLE:
-        return flat.kthvalue(k).values
+        return flat.kthvalue(k).values, None
     below, inside = 0, None
     if low_index > 0:
         low = flat < sample[low_index]
@@ -98,8 +99,9 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
         inside = not_high if inside is None else inside.logical_and_(not_high)
     candidates = flat[inside]
     if below < k <= below + candidates.numel():
-        return candidates.kthvalue(k - below).values
-    return flat.kthvalue(k).values
+        threshold = candidates.kthvalue(k - below).values
+        return threshold, below + int(torch.count_nonzero(candidates <= threshold))
+    return flat.kthvalue(k).values, None
 
 
 def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tensor:
@@ -110,9 +112,11 @@ def _prune_smallest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tens
         flat = scores.reshape(-1)
         if k >= flat.numel():
             return torch.zeros_like(scores, dtype=torch.bool)
-        threshold = _kth_smallest(flat, k)  # 0-d: broadcasting a 0-d tensor is much cheaper than a (1,) one
+        threshold, at_most = _kth_smallest(flat, k)  # 0-d: broadcasting a 0-d tensor is much cheaper than (1,)
         keep = flat > threshold
-        if flat.numel() - int(torch.count_nonzero(keep)) > k:  # ties at the threshold: prune the lower indices first
+        if at_most is None:
+            at_most = flat.numel() - int(torch.count_nonzero(keep))
+        if at_most > k:  # ties at the threshold: prune the lower indices first
             ties = flat == threshold
             still_needed = k - int(torch.count_nonzero(flat < threshold))
             keep = ~((flat < threshold) | (ties & (ties.cumsum(0, dtype=torch.int32) <= still_needed)))

@@ -141,7 +141,7 @@ def admm_prune_group(
         # The paper's V lives in (in, out); we keep its transpose V^T = W0 D (out, in), so masks are selected in the
         # weight's own layout with no transposes, and every product is taken from the right (A is symmetric).
         # A^-1 B = A^-1 H V0 = A^-1 (A - rho I) V0 = V0 - rho A^-1 V0: one product, no copy of H kept.
-        v0 = torch.cat([weights[i].detach().to(device=device, dtype=torch.float32) for i in todo]) * d
+        v0 = torch.cat([weights[i].detach().to(device=device, dtype=torch.float32) for i in todo]).mul_(d)
         a_inv_b = torch.addmm(v0, v0, a_inv, alpha=-rho)
 
         # Every buffer is allocated once: fresh layer-sized temporaries each iteration cost page faults that, on CPU,
@@ -161,9 +161,9 @@ def admm_prune_group(
             torch.mul(vu, drop, out=u)  # U + V - Z, with Z = (V + U) * M
             torch.add(vu, u, alpha=-2.0, out=rhs)  # Z - U, exactly
             torch.addmm(a_inv_b, rhs, a_inv, alpha=rho, out=v)  # V^T = (A^-1 (B + rho (Z - U)))^T
-        pruned = (v + u) * keep / d
+        pruned = torch.add(v, u, out=vu).mul_(keep).div_(d)
         pruned[:, dead] = 0.0
-        if not torch.isfinite(pruned).all():
+        if not bool(torch.isfinite(pruned.sum())):  # a NaN or inf anywhere makes the sum one (a pass, no mask)
             raise FloatingPointError("ADMM produced non-finite weights; check the calibration activations.")
         for i, rows in zip(todo, segments, strict=True):
             results[i] = pruned[rows].to(dtype=weights[i].dtype).contiguous()
