@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -132,3 +133,24 @@ def environment(threads: int, jobs: int = 1, device: str = "cpu") -> dict:
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and spread (max - min)."""
     return sum(values) / len(values), max(values) - min(values)
+
+
+def run_worker(python: str | Path, script: str | Path, spec: dict, spec_path: Path) -> dict:
+    """Run one benchmark measurement as a fresh subprocess: ``python script --worker spec_path`` with
+    ``spec["threads"]`` threads. The worker prints one ``RESULT <json>`` line on stdout; a worker that also prints
+    ``PEAK_RSS_KIB <n>`` on stderr (at exit) gets ``peak_rss_gib`` from it. Returns the spec merged with the result,
+    or with ``error`` (the last line of stderr) when the worker failed."""
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.run(
+        [str(python), str(script), "--worker", str(spec_path)], capture_output=True, text=True, env=env
+    )
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    messages = [line for line in process.stderr.strip().splitlines() if not line.startswith("PEAK_RSS_KIB ")]
+    if process.returncode != 0 or not lines:
+        return {**spec, "error": messages[-1] if messages else f"exit {process.returncode}"}
+    result = {**spec, **json.loads(lines[-1][len("RESULT ") :])}
+    for line in process.stderr.splitlines():
+        if line.startswith("PEAK_RSS_KIB "):
+            result["peak_rss_gib"] = int(line.split()[1]) / 2**20
+    return result

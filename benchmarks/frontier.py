@@ -21,13 +21,22 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, RESULTS, admm_flops, environment, evaluate, gemm_rate, mean_spread, prepare  # noqa: E402
+from _common import (  # noqa: E402
+    CACHE,
+    RESULTS,
+    admm_flops,
+    environment,
+    evaluate,
+    gemm_rate,
+    mean_spread,
+    prepare,
+    run_worker,
+)
 
 VARIANTS = [
     "sparsegpt",
@@ -115,16 +124,7 @@ def worker(spec_path: Path) -> None:
 
 def run(spec: dict, work: Path) -> dict:
     path = work / f"spec-{spec['variant'].replace('/', '-')}-{spec['pattern']}-{spec['seed']}.json"
-    path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.run(
-        [sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True, env=env
-    )
-    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-    if process.returncode != 0 or not lines:
-        tail = process.stderr.strip().splitlines()[-1] if process.stderr.strip() else f"exit {process.returncode}"
-        return {**spec, "error": tail}
-    return {**spec, **json.loads(lines[-1][len("RESULT ") :]), "load_average": os.getloadavg()[0]}
+    return {**run_worker(sys.executable, __file__, spec, path), "load_average": os.getloadavg()[0]}
 
 
 def _rows(results: list[dict]) -> dict[tuple[str, str], list[dict]]:

@@ -171,23 +171,7 @@ def run(python: Path, spec: dict, work: Path) -> dict:
         f"spec-{spec['side']}-{spec['method']}-{spec['pattern']}-{spec['seed']}-{spec.get('owl', False)}-"
         f"{spec.get('linear_targets', False)}.json"
     )
-    path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([str(python), __file__, "--worker", str(path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    stdout, stderr = process.communicate()
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if process.returncode != 0 or not lines:
-        messages = [line for line in stderr.strip().splitlines() if not line.startswith("PEAK_RSS_KIB ")]
-        return {**spec, "error": messages[-1] if messages else f"exit {process.returncode}"}
-    return {**spec, **json.loads(lines[-1][len("RESULT ") :]), "peak_rss_gib": peak_rss_of(stderr)}
-
-
-def peak_rss_of(stderr: str) -> float | None:
-    for line in stderr.splitlines():
-        if line.startswith("PEAK_RSS_KIB "):
-            return int(line.split()[1]) / 2**20
-    return None
+    return _common.run_worker(python, __file__, spec, path)
 
 
 def main(argv=None) -> None:
