@@ -329,16 +329,54 @@ def _run_block(block: nn.Module, inputs: _BlockInputs, index: int, device: torch
         yield stash(_first_output(block(hidden.to(device), *args, **kwargs)), storage)
 
 
+class _GroupFinder:
+    """Groups layers by the identity of the tensor they read on one batch, in call order; after the batch, the
+    layers it never called get groups of their own (an expert's gate and up matrices together)."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self.called: set[str] = set()
+        self._inputs: list[torch.Tensor] = []  # each group's input, held so that identities stay unique
+
+    def see(self, name: str, tensor: torch.Tensor) -> list[str] | None:
+        """Record a call of layer ``name``; returns the group it starts, if it starts one."""
+        if name in self.called:
+            return None
+        self.called.add(name)
+        for group, group_input in zip(self.groups, self._inputs, strict=True):
+            if group_input is tensor:
+                group.append(name)
+                return None
+        self.groups.append([name])
+        self._inputs.append(tensor)
+        return self.groups[-1]
+
+    def finish(self, layers: dict[str, nn.Module]) -> list[list[str]]:
+        """Close the batch: release its tensors and add (and return) the groups of the layers never called."""
+        self._inputs.clear()
+        uncalled: dict[Any, list[str]] = {}
+        for name, module in layers.items():
+            if name not in self.called:
+                key = (
+                    (id(module.owner), module.expert, module.role == "down_proj")
+                    if isinstance(module, ExpertMatrix)
+                    else name
+                )
+                uncalled.setdefault(key, []).append(name)
+        self.groups.extend(uncalled.values())
+        return list(uncalled.values())
+
+
 def _share_groups(
     block: nn.Module, layers: dict[str, nn.Module], inputs: _BlockInputs, index: int, device, experts=()
 ) -> list[list[str]]:
     """Group the block's layers by shared input, in execution order, from one probe forward on the first batch
     (the gate and up matrices of an expert that receives no token of that batch are grouped by their expert)."""
-    seen: list[tuple[str, torch.Tensor]] = []
+    finder = _GroupFinder()
     names = {module: name for name, module in layers.items()}
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        seen.append((names[module], args[0]))
+    def hook(module: nn.Module, args: tuple) -> None:  # returns None: a pre-hook's return value replaces the args
+        finder.see(names[module], args[0])
 
     handles = [m.register_forward_pre_hook(hook) for m in layers.values()]
     try:
@@ -349,35 +387,8 @@ def _share_groups(
     finally:
         for handle in handles:
             handle.remove()
-    groups: list[list[str]] = []
-    group_inputs: list[torch.Tensor] = []
-    assigned: set[str] = set()
-    for name, tensor in seen:
-        if name in assigned:
-            continue
-        assigned.add(name)
-        for group, group_input in zip(groups, group_inputs, strict=False):
-            if group_input is tensor:
-                group.append(name)
-                break
-        else:
-            groups.append([name])
-            group_inputs.append(tensor)
-    return groups + _uncalled_groups(layers, assigned)
-
-
-def _uncalled_groups(layers: dict[str, nn.Module], called: set[str]) -> list[list[str]]:
-    """The layers the first batch never called: an expert's gate and up matrices together, every other one alone."""
-    uncalled: dict[Any, list[str]] = {}
-    for name, module in layers.items():
-        if name not in called:
-            key = (
-                (id(module.owner), module.expert, module.role == "down_proj")
-                if isinstance(module, ExpertMatrix)
-                else name
-            )
-            uncalled.setdefault(key, []).append(name)
-    return list(uncalled.values())
+    finder.finish(layers)
+    return finder.groups
 
 
 def _accumulate(
@@ -400,7 +411,8 @@ def _accumulate(
     groups and each layer's accumulator."""
     names = {module: name for name, module in layers.items()}
     finding = groups is None
-    groups = [] if groups is None else groups
+    finder = _GroupFinder()
+    groups = finder.groups if groups is None else groups
     leaders: dict[str, StatisticAccumulator] = {}
 
     def start(group: list[str]) -> None:
@@ -409,20 +421,11 @@ def _accumulate(
 
     for group in groups:
         start(group)
-    called: set[str] = set()
-    group_inputs: list[torch.Tensor] = []  # while finding: each group's input on the first batch
 
     def hook(module: nn.Module, args: tuple) -> None:
         name = names[module]
-        if finding and name not in called:
-            called.add(name)
-            for group, group_input in zip(groups, group_inputs, strict=True):
-                if group_input is args[0]:
-                    group.append(name)
-                    return
-            groups.append([name])
-            group_inputs.append(args[0])
-            start(groups[-1])
+        if finding and (new := finder.see(name, args[0])) is not None:
+            start(new)
         accumulator = leaders.get(name)
         if accumulator is not None:
             with run.timer.phase("statistics"):
@@ -431,9 +434,7 @@ def _accumulate(
     def found() -> None:  # after the first batch (or none): the layers it never called join groups of their own
         nonlocal finding
         finding = False
-        group_inputs.clear()
-        for group in _uncalled_groups(layers, called):
-            groups.append(group)
+        for group in finder.finish(layers):
             start(group)
 
     hooked = layers.values() if finding else [layers[group[0]] for group in groups]
