@@ -128,3 +128,39 @@ def test_layer_selection_equals_kthvalue_on_large_layers(kind, fraction):
     kept_ties = at_threshold[keep.reshape(-1)[at_threshold]]
     if len(pruned_ties) and len(kept_ties):  # ties at the threshold: the lower indices are pruned first
         assert int(pruned_ties.max()) < int(kept_ties.min())
+
+
+def _where_gradual(scores: torch.Tensor, n: int, m: int, sparsity: float) -> torch.Tensor:
+    """Gradual N:M written out with ``torch.where``: the protected top-n at +inf, the k smallest of the rest pruned."""
+    protected = _argsort_nm(scores, n, m)
+    k = min(num_pruned(scores.numel(), sparsity), int((~protected).sum()))
+    candidates = torch.where(protected, float("inf"), scores).reshape(-1)
+    order = torch.argsort(candidates, stable=True)  # ties: lower index first
+    keep = torch.ones_like(candidates, dtype=torch.bool)
+    keep[order[:k]] = False
+    return keep.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 2)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "negative", "huge", "nonfinite"])
+@pytest.mark.parametrize("sparsity", [0.05, 0.3, 0.45])
+def test_gradual_nm_equals_the_where_formulation(n, m, kind, sparsity):
+    """The protected entries are lifted to +inf by adds, not ``where``: same mask for any scores, large layers too."""
+    generator = torch.Generator().manual_seed(n * 10 + m)
+    scores = torch.randn(384, 512, generator=generator)  # past the sampled bracket's size: that path too
+    if kind == "ties":
+        scores = (scores * 2).round().abs()
+    elif kind == "huge":  # a sum past the float range takes the where path; adds of finfo.max must not misorder
+        scores = scores * 3e38
+    elif kind == "nonfinite":
+        scores[0, :8] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0] * 2)
+    elif kind == "normal":
+        scores = scores.abs()
+    sparsity = min(sparsity, 1 - n / m - 1e-3)
+    expected = _where_gradual(scores.nan_to_num(nan=float("inf")) if kind == "nonfinite" else scores, n, m, sparsity)
+    got = gradual_nm_mask(scores, n, m, sparsity)
+    if kind == "nonfinite":  # NaN has no place in an order; every finite-score entry must agree
+        finite = torch.isfinite(scores)
+        assert torch.equal(got[finite], expected[finite])
+    else:
+        assert torch.equal(got, expected)
