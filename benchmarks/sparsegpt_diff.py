@@ -65,6 +65,19 @@ def _block_of(name: str) -> int | None:
     return int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
 
 
+def _their_sweep(weight, gram, sparsity: float, nm: tuple[int, int] | None):
+    """llm-compressor's ``sparsify_weight`` on one weight and Hessian (block 128, dampening 0.01), in fp32."""
+    import torch
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight.data = weight.detach().to(torch.float32).clone()
+    n, m = nm if nm is not None else (0, 0)
+    # llm-compressor's prune_n counts the zeros of a group (m - n of ours); 0 means unstructured
+    _, pruned = sparsify_weight(layer, {layer: gram.clone()}, sparsity, m - n if m else 0, m, 128, 0.01, False)
+    return pruned.detach()
+
+
 def worker(spec_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -95,16 +108,9 @@ def worker(spec_path: Path) -> None:
         original = registry.sparsegpt_prune_group
         their_sweep = None
         if mode == "ours+their-sweep":
-            from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
 
             def their_sweep(weight, gram, layer_sparsity):
-                layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-                layer.weight.data = weight.detach().to(torch.float32).clone()
-                n, m = nm if nm is not None else (0, 0)
-                # llm-compressor's prune_n counts the zeros of a group; for 2:4 the two readings agree
-                _, pruned = sparsify_weight(layer, {layer: gram.clone()}, layer_sparsity, m - n if m else 0, m, 128,
-                                            0.01, False)  # fmt: skip
-                return pruned.to(weight.dtype)
+                return _their_sweep(weight, gram, layer_sparsity, nm).to(weight.dtype)
 
         def patched(weights, gram, sparsities, **kwargs):
             for w in weights:
@@ -170,17 +176,12 @@ def compare_layers(path_a: Path, path_b: Path, nm: tuple[int, int] | None, spars
 
     a, b = torch.load(path_a), torch.load(path_b)
     rows = []
-    their_sweep = None
     try:
-        from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+        import llmcompressor  # noqa: F401  (their sweep only under their interpreter)
 
-        def their_sweep(weight, gram):
-            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-            layer.weight.data = weight.clone()
-            n, m = nm if nm is not None else (0, 0)
-            return sparsify_weight(layer, {layer: gram.clone()}, sparsity, m - n if m else 0, m, 128, 0.01, False)[1]
+        compare_sweeps = True
     except ImportError:
-        pass
+        compare_sweeps = False
     for name in sorted(set(a) & set(b), key=lambda n: (_block_of(n), n)):
         ha, hb = a[name]["hessian"].double(), b[name]["hessian"].double()
         ha, hb = ha / ha.trace(), hb / hb.trace()
@@ -189,10 +190,10 @@ def compare_layers(path_a: Path, path_b: Path, nm: tuple[int, int] | None, spars
             "hessian_rel_diff": float((ha - hb).norm() / ha.norm()),
             "weight_rel_diff": float((a[name]["weight"] - b[name]["weight"]).norm() / a[name]["weight"].norm()),
         }
-        if their_sweep is not None:
+        if compare_sweeps:
             w, h = a[name]["weight"].detach().float(), a[name]["hessian"].float()
             ours = sparsegpt_prune(w, h, sparsity, nm=nm)
-            theirs = their_sweep(w, h)
+            theirs = _their_sweep(w, h, sparsity, nm)
             row["mask_disagreement"] = float(((ours == 0) != (theirs == 0)).float().mean())
             row["weight_diff_same_hessian"] = float((ours - theirs).norm() / theirs.norm())
         rows.append(row)
