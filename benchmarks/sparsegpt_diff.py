@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _common  # noqa: E402
-from _common import CACHE, plain_perplexity  # noqa: E402
+from _common import CACHE  # noqa: E402
 
 MODES = ["ours", "ours+their-sweep", "theirs", "theirs+our-sweep", "ours-nudged"]
 
@@ -159,10 +158,7 @@ def worker(spec_path: Path) -> None:
         oneshot(model=model, dataset=dataset, recipe=[modifier], num_calibration_samples=len(calibration),
                 max_seq_length=calibration.shape[1])  # fmt: skip
     wall = time.perf_counter() - start
-    evaluation = json.loads((work / "eval.json").read_text())
-    perplexity = {d: plain_perplexity(model, ids, spec["eval_length"], evaluation["bos"])
-                  for d, ids in evaluation["ids"].items()}  # fmt: skip
-    perplexity["mean"] = statistics.mean(perplexity.values())
+    perplexity = _common.evaluate(model, work, spec["eval_length"])
     torch.save(saved, Path(spec["saved"]))
     print("RESULT " + json.dumps({"wall": wall, "perplexity": perplexity, "saved_layers": len(saved)}))
 

@@ -99,3 +99,16 @@ def test_dtype_and_device_are_kept_and_maths_is_fp32():
 def test_deterministic():
     weight, gram = synthetic_layer(seed=6)
     assert torch.equal(admm_prune(weight, gram, 0.6), admm_prune(weight, gram, 0.6))
+
+
+def test_cholesky_inverse_jitters_a_copy_when_not_positive_definite():
+    """The jitter goes onto a copy: the caller's matrix is left as it was, and the user is told."""
+    from optimum_admm.algorithms.admm import _cholesky_inverse
+
+    matrix = torch.eye(4)
+    matrix[0, 0] = -1e-4
+    before = matrix.clone()
+    with pytest.warns(UserWarning, match="not positive definite"):
+        inverse = _cholesky_inverse(matrix)
+    assert torch.equal(matrix, before)
+    assert bool(torch.isfinite(inverse).all()) and float(inverse[1, 1]) == pytest.approx(1.0, rel=1e-2)

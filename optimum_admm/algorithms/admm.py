@@ -40,10 +40,11 @@ def _cholesky_inverse(matrix: torch.Tensor, max_tries: int = 4) -> torch.Tensor:
     jitter = 0.0
     scale = float(matrix.diagonal().mean().clamp_min(_EPS))
     for attempt in range(max_tries):
+        candidate = matrix
         if attempt:  # a jittered copy only when the plain factorisation failed
-            jittered = matrix.clone()
-            jittered.diagonal().add_(jitter)
-        factor, info = torch.linalg.cholesky_ex(jittered if attempt else matrix)
+            candidate = matrix.clone()
+            candidate.diagonal().add_(jitter)
+        factor, info = torch.linalg.cholesky_ex(candidate)
         if int(info) == 0:
             if attempt:
                 warnings.warn(
